@@ -1,0 +1,1 @@
+"""Evaluate a checkpoint on verification sets (completed in the evaluation issue)."""

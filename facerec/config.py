@@ -1,0 +1,54 @@
+"""Hydra glue: custom resolvers and instantiation of config groups holding several objects."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def _run_group() -> str:
+    """One group per launch: runs of one multirun share it (the sweep dir's name)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return "sweep_" + str(hydra_cfg.sweep.dir).rstrip("/").split("/")[-1]
+    return "run_" + str(hydra_cfg.run.dir).rstrip("/").split("/")[-1]
+
+
+def swept_keys(task_overrides: list[str], sweeper_params: dict | None = None) -> set[str]:
+    """Keys a multirun varies: command-line sweeps (`scale=fixed,auto`) and sweeper params (Optuna)."""
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    keys = {override.get_key_element() for override in parsed if override.is_sweep_override()}
+    return keys | set(sweeper_params or {})
+
+
+def _run_name() -> str:
+    """A readable run name from the overrides, e.g. "scale=auto,seed=1".
+
+    In a multirun only the swept keys name the run (the overrides shared by all
+    runs of the sweep would only repeat), read from the sweep's multirun.yaml.
+    """
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith("ckpt_path=")]
+    multirun_file = Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml"
+    if hydra_cfg.mode == RunMode.MULTIRUN and multirun_file.exists():
+        master = OmegaConf.load(multirun_file).hydra
+        keys = swept_keys(master.overrides.task, master.sweeper.get("params"))
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        overrides = [o.input_line for o in parsed if o.get_key_element() in keys] or overrides
+    return ",".join(overrides) or "default"
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
+    OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate each `_target_` entry of a group such as `callbacks` or `logger` (None entries skipped)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]

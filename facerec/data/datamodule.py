@@ -1,0 +1,69 @@
+"""One LightningDataModule for every training set and its verification sets."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from facerec.data.verification import VerificationSet
+
+
+class FaceDataModule(L.LightningDataModule):
+    """Training identities (`train` yields (image, label)) and named verification sets.
+
+    `num_classes` is where the class count is stated; heads and scale policies
+    read it from here (by interpolation in the configs).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        train: Dataset,
+        val_sets: Mapping[str, VerificationSet] | None = None,
+        batch_size: int = 128,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        drop_last: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.train_set = train
+        data_classes = getattr(train, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"dataset.num_classes={self.num_classes} but the training data has {data_classes} identities; "
+                "set dataset.num_classes to the data's class count"
+            )
+        self.val_sets = dict(val_sets or {})
+        for name, val_set in self.val_sets.items():
+            if not isinstance(val_set, VerificationSet):
+                raise TypeError(f"dataset.val_sets.{name} must be a VerificationSet, got {type(val_set).__name__}")
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        workers = int(num_workers)
+        self.loader_options = dict(
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers and workers > 0,
+            prefetch_factor=prefetch_factor if workers > 0 else None,
+        )
+        self.drop_last = drop_last
+
+    @property
+    def val_set_names(self) -> list[str]:
+        return list(self.val_sets)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, **self.loader_options
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(val_set, batch_size=self.val_batch_size, shuffle=False, **self.loader_options)
+            for val_set in self.val_sets.values()
+        ]
