@@ -42,9 +42,39 @@ def _run_name() -> str:
     return ",".join(overrides) or "default"
 
 
+def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
+    """A resumed run continues in its own directory: `ckpt_path=last` picks the newest run under
+    `runs_dir` holding checkpoints/last.ckpt, and an explicit checkpoint of a train.py run dir
+    picks that dir. Otherwise a new directory `runs_dir/stamp`."""
+    from facerec.checkpoints import find_last_checkpoint
+
+    fresh = str(Path(runs_dir) / stamp)
+    if ckpt_path in (None, "", "None"):
+        return fresh
+    if ckpt_path == "last":
+        found = find_last_checkpoint(fresh, runs_dir)
+    else:
+        found = Path(ckpt_path)
+    run_dir = Path(found).resolve().parent.parent if found else None
+    return str(run_dir) if run_dir and found.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir() else fresh
+
+
+def _config_subdir() -> str:
+    """Where Hydra saves the composed config: `.hydra`, or `.hydra/resumed_<time>` when a resumed
+    run reuses its directory, so the original config is never overwritten."""
+    from datetime import datetime
+
+    if (Path(HydraConfig.get().runtime.output_dir) / ".hydra" / "config.yaml").exists():
+        return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return ".hydra"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
     OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
+    # cached: Hydra reads output_subdir once per file it saves, and the first save creates .hydra
+    OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True, use_cache=True)
 
 
 def instantiate_all(group: DictConfig | None) -> list:

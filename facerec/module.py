@@ -1,9 +1,15 @@
 """The LightningModule: backbone -> embedding -> margin head -> cross-entropy, plus verification."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import math
+import os
+import random
+import signal
+from collections.abc import Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,10 +17,16 @@ from torch import nn
 from facerec.evaluation import VerificationMetric, embed
 from facerec.heads import MarginHead, angular_statistics
 
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised after too many consecutive steps with a non-finite loss or gradient."""
+
 
 def total_grad_norm(parameters) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 class FaceRecognitionModule(L.LightningModule):
@@ -25,6 +37,10 @@ class FaceRecognitionModule(L.LightningModule):
     flip: the flip-test mode for verification embeddings ("sum", "concat", "none").
     config: the resolved run config, saved in checkpoints so eval/export can
     rebuild the model without the original command line.
+    max_consecutive_nonfinite: a step whose loss or gradient is not finite is skipped
+    (no parameter changes), counted and logged; this many in a row stop the run.
+    nonfinite_loss_steps, sigterm_at_step: fault injection for tests: these global steps
+    get a NaN loss; the process sends itself SIGTERM during that step (a preemption).
     """
 
     def __init__(
@@ -35,6 +51,9 @@ class FaceRecognitionModule(L.LightningModule):
         scheduler: Callable | None = None,
         flip: str = "sum",
         config: dict | None = None,
+        max_consecutive_nonfinite: int = 20,
+        nonfinite_loss_steps: Sequence[int] = (),
+        sigterm_at_step: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -45,6 +64,15 @@ class FaceRecognitionModule(L.LightningModule):
         self.config = config
         self.val_metrics = nn.ModuleDict()
         self.last_validation_step = -1
+        if max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
+        self.nonfinite_loss_steps = frozenset(int(step) for step in nonfinite_loss_steps)
+        self.sigterm_at_step = sigterm_at_step
+        # buffers: saved in checkpoints, so the counts survive a resume
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
+        self._last_loss: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -60,6 +88,11 @@ class FaceRecognitionModule(L.LightningModule):
         embeddings = self.backbone(images)
         logits = self.head(embeddings, labels)
         loss = F.cross_entropy(logits, labels)
+        if self.global_step in self.nonfinite_loss_steps:
+            loss = loss * float("nan")
+        if self.global_step == self.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self._last_loss = loss.detach()
         if self._should_log():
             scale = self.head.scale.value
             stats = angular_statistics(logits, labels, self.head.target_cosine(embeddings, labels), scale)
@@ -69,17 +102,63 @@ class FaceRecognitionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # s multiplies the gradient like a learning-rate factor: log it when comparing scales.
+        grad_backbone = total_grad_norm(self.backbone.parameters())
+        grad_head = total_grad_norm(self.head.parameters())
+        # Under fp16 the GradScaler owns overflowing gradients (it skips the step and lowers the
+        # scale); only a non-finite loss counts as a failure there.
+        scaler_owns_grads = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        finite = torch.isfinite(self._last_loss)
+        if not scaler_owns_grads:
+            finite &= torch.isfinite(grad_backbone + grad_head)
+        if bool(finite):  # one host sync per step, as a GradScaler does
+            self.consecutive_nonfinite.zero_()
+        else:
+            self._skip_step(optimizer)
         if self._should_log():
-            self.log("train/grad_norm_backbone", total_grad_norm(self.backbone.parameters()))
-            self.log("train/grad_norm_head", total_grad_norm(self.head.parameters()))
+            # s multiplies the gradient like a learning-rate factor: log it when comparing scales.
+            self.log("train/grad_norm_backbone", grad_backbone)
+            self.log("train/grad_norm_head", grad_head)
+            self.log("train/nonfinite_steps", self.nonfinite_steps.float())
+
+    def _skip_step(self, optimizer) -> None:
+        # Optimizers leave parameters whose grad is None untouched (no momentum, no weight decay).
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        lr = optimizer.param_groups[0]["lr"]
+        detail = f"step {self.global_step}: loss={self._last_loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
+        log.warning("non-finite loss or gradient, step skipped (%s)", detail)
+        if int(self.consecutive_nonfinite) >= self.max_consecutive_nonfinite:
+            raise NonFiniteTrainingError(
+                f"training stopped: {int(self.consecutive_nonfinite)} consecutive steps had a non-finite loss or "
+                f"gradient (last at {detail}). Parameters are unchanged since the last finite step; lower the "
+                "learning rate or the scale s, check the data, or raise max_consecutive_nonfinite."
+            )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.total_training_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def total_training_steps(self) -> int:
+        """Optimizer steps the run will take, for the LR schedule.
+
+        Lightning's `estimated_stepping_batches` would build the train loader's iterator
+        here, before a resumed checkpoint's loop state is restored, and the loader's
+        position would then never be loaded (no exact mid-epoch resume). So count from the
+        datamodule's loader length instead.
+        """
+        trainer = self.trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return int(trainer.estimated_stepping_batches)
+        batches = len(datamodule.train_dataloader())
+        limit = trainer.limit_train_batches
+        batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
 
     # --------------------------------------------------------------- validation
     def setup(self, stage: str) -> None:
@@ -114,3 +193,32 @@ class FaceRecognitionModule(L.LightningModule):
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["facerec_config"] = self.config
+        checkpoint["rng_states"] = rng_states()
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger" and logger.version:
+                checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
+
+
+def rng_states() -> dict:
+    """Global RNG states as tensors and builtin types, so checkpoints stay weights-only loadable."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

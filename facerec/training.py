@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from facerec.checkpoints import checkpoint_config, find_last_checkpoint, load_checkpoint
 from facerec.config import instantiate_all
 from facerec.module import FaceRecognitionModule
 
@@ -32,13 +34,63 @@ def build_module(cfg: DictConfig) -> FaceRecognitionModule:
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         flip=cfg.flip,
         config=OmegaConf.to_container(cfg, resolve=True),
+        max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+        nonfinite_loss_steps=cfg.fault_injection.nonfinite_loss_steps,
+        sigterm_at_step=cfg.fault_injection.sigterm_at_step,
     )
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
+    """The checkpoint to resume from: None, `last` (see find_last_checkpoint) or an existing path."""
+    requested = cfg.get("ckpt_path")
+    if requested in (None, ""):
+        return None
+    if requested == "last":
+        found = find_last_checkpoint(cfg.paths.output_dir, cfg.paths.runs_dir)
+        if found is None:
+            log.warning("ckpt_path=last: no last.ckpt in %s or under %s; starting a new run", cfg.paths.output_dir, cfg.paths.runs_dir)
+        return found
+    path = Path(requested)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={requested}: no such checkpoint file")
+    return path
+
+
+def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
+    """A checkpoint resumes only into the same backbone and the same classes."""
+    saved = checkpoint_config(checkpoint, path)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    problems = [
+        f"{key}: checkpoint {saved_value!r}, config {current_value!r}"
+        for key, saved_value, current_value in [
+            ("model", saved.get("model"), current["model"]),
+            ("dataset.num_classes", saved.get("dataset", {}).get("num_classes"), current["dataset"]["num_classes"]),
+            ("head._target_", saved.get("head", {}).get("_target_"), current["head"]["_target_"]),
+        ]
+        if saved_value != current_value
+    ]
+    if problems:
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with a different model or class set ("
+            + "; ".join(problems)
+            + "). Resume with the checkpoint's settings, or start a new run (ckpt_path=null)."
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
     configure_torch(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is not None:
+        checkpoint = load_checkpoint(ckpt_path)
+        check_resume_compatible(cfg, checkpoint, ckpt_path)
+        run_id = checkpoint.get("wandb_run_id")
+        if run_id and cfg.get("logger") and cfg.logger.get("wandb"):
+            with open_dict(cfg):
+                cfg.logger.wandb.id = run_id  # continue the same W&B run
+        log.info("resuming from %s (step %d)", ckpt_path, checkpoint.get("global_step", -1))
+        del checkpoint
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
     loggers = instantiate_all(cfg.get("logger"))
@@ -47,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(module.config)
     log.info("head: %s | s = %.4f", module.head, module.head.scale.value)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if datamodule.val_sets and module.last_validation_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facerec.data.sampling import ResumableLoader, ResumableSampler
 from facerec.data.verification import VerificationSet
 
 
@@ -28,6 +30,7 @@ class FaceDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         prefetch_factor: int | None = None,
         drop_last: bool = True,
+        seed: int = 0,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -52,18 +55,37 @@ class FaceDataModule(L.LightningDataModule):
             prefetch_factor=prefetch_factor if workers > 0 else None,
         )
         self.drop_last = drop_last
+        self.seed = int(seed)
 
     @property
     def val_set_names(self) -> list[str]:
         return list(self.val_sets)
 
+    def _generator(self) -> torch.Generator:
+        # Loaders draw their worker base seed from this, not from the global RNG, so iterating
+        # data never shifts the RNG stream of the model (dropout): resumed runs stay exact.
+        return torch.Generator().manual_seed(self.seed)
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, **self.loader_options
+        sampler = ResumableSampler(self.train_set, shuffle=True, seed=self.seed, drop_last=self.drop_last)
+        return ResumableLoader(
+            self.train_set,
+            sampler=sampler,
+            progress=self._progress,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            generator=self._generator(),
+            **self.loader_options,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
-            DataLoader(val_set, batch_size=self.val_batch_size, shuffle=False, **self.loader_options)
+            DataLoader(
+                val_set, batch_size=self.val_batch_size, shuffle=False, generator=self._generator(), **self.loader_options
+            )
             for val_set in self.val_sets.values()
         ]
