@@ -39,8 +39,9 @@ class FaceRecognitionModule(L.LightningModule):
     rebuild the model without the original command line.
     max_consecutive_nonfinite: a step whose loss or gradient is not finite is skipped
     (no parameter changes), counted and logged; this many in a row stop the run.
-    nonfinite_loss_steps, sigterm_at_step: fault injection for tests: these global steps
-    get a NaN loss; the process sends itself SIGTERM during that step (a preemption).
+    nonfinite_loss_steps, signal_at_step, signal_name: fault injection for tests: these
+    global steps get a NaN loss; the process sends itself `signal_name` during step
+    `signal_at_step` (a preemption).
     """
 
     def __init__(
@@ -53,7 +54,8 @@ class FaceRecognitionModule(L.LightningModule):
         config: dict | None = None,
         max_consecutive_nonfinite: int = 20,
         nonfinite_loss_steps: Sequence[int] = (),
-        sigterm_at_step: int | None = None,
+        signal_at_step: int | None = None,
+        signal_name: str = "SIGTERM",
     ):
         super().__init__()
         self.backbone = backbone
@@ -68,7 +70,8 @@ class FaceRecognitionModule(L.LightningModule):
             raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.nonfinite_loss_steps = frozenset(int(step) for step in nonfinite_loss_steps)
-        self.sigterm_at_step = sigterm_at_step
+        self.signal_at_step = signal_at_step
+        self.signal = getattr(signal, signal_name)
         # buffers: saved in checkpoints, so the counts survive a resume
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
@@ -90,8 +93,8 @@ class FaceRecognitionModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         if self.global_step in self.nonfinite_loss_steps:
             loss = loss * float("nan")
-        if self.global_step == self.sigterm_at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.global_step == self.signal_at_step:
+            os.kill(os.getpid(), self.signal)
         self._last_loss = loss.detach()
         if self._should_log():
             scale = self.head.scale.value

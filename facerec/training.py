@@ -36,7 +36,8 @@ def build_module(cfg: DictConfig) -> FaceRecognitionModule:
         config=OmegaConf.to_container(cfg, resolve=True),
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
         nonfinite_loss_steps=cfg.fault_injection.nonfinite_loss_steps,
-        sigterm_at_step=cfg.fault_injection.sigterm_at_step,
+        signal_at_step=cfg.fault_injection.signal_at_step,
+        signal_name=cfg.fault_injection.signal,
     )
 
 

@@ -26,7 +26,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(scale, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script(["train.py", *RUN, f"scale={scale}", f"hydra.run.dir={straight}"])
     # 10 steps per epoch: step 13 is mid-epoch, after a validation and an epoch boundary
-    out = run_script(["train.py", *RUN, f"scale={scale}", f"hydra.run.dir={resumed}", "fault_injection.sigterm_at_step=13"])
+    out = run_script(["train.py", *RUN, f"scale={scale}", f"hydra.run.dir={resumed}", "fault_injection.signal_at_step=13"])
     assert "held-out verification" not in out.stdout  # it stopped early
     first = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 14

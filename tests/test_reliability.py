@@ -1,0 +1,112 @@
+"""Preemption signals, atomic checkpoint writes, non-finite guards, refusing code in files, no secrets."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TINY_RUN, run_script
+from facerec.checkpoints import AtomicCheckpointIO, load_checkpoint
+
+
+class CreatesAFile:
+    """Unpickling this would run os.system and create `target`."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = run_script(
+        ["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path}",
+         "fault_injection.signal_at_step=5", "fault_injection.signal=SIGUSR1"]
+    )
+    assert "held-out verification" not in out.stdout
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+WRITER = """
+import sys, torch
+from facerec.checkpoints import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({"version": 1, "w": torch.ones(3)}, sys.argv[1])
+print("first saved", flush=True)
+io.save_checkpoint({"version": 2, "w": torch.ones(150_000_000)}, sys.argv[1])  # 600 MB: slow to write
+"""
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_one_loadable(tmp_path):
+    target = tmp_path / "last.ckpt"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    assert writer.stdout.readline().strip() == "first saved"
+    deadline = time.time() + 60
+    while not any(p.stat().st_size > 1_000_000 for p in tmp_path.glob(".last.ckpt.*.tmp")):
+        assert time.time() < deadline and writer.poll() is None, "the second save never started"
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert load_checkpoint(target)["version"] == 1
+    AtomicCheckpointIO().save_checkpoint({"version": 3}, target)  # the next save clears the leftover
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_an_exception_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"version": 1}, target)
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        io.save_checkpoint({"version": 2, "bad": lambda: None}, target)
+    assert load_checkpoint(target)["version"] == 1 and len(list(tmp_path.iterdir())) == 1
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # an ordinary file, not mkstemp's 0600
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": CreatesAFile(marker)}, ckpt)
+    with pytest.raises(ValueError, match="weights-only"):
+        load_checkpoint(ckpt)
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={ckpt}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "weights-only" in result.stderr
+    assert not marker.exists()
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    run_script(["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'a'}",
+                "fault_injection.nonfinite_loss_steps=[3,4]"])
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["nonfinite_steps"] == 2 and ckpt["global_step"] == 20
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'b'}",
+         "fault_injection.nonfinite_loss_steps=[3,4,5,6]", "max_consecutive_nonfinite=3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "3 consecutive steps had a non-finite loss or gradient (last at step 5: loss=nan, s=" in result.stderr
+    assert "lr=" in result.stderr
+
+
+def test_the_wandb_key_never_reaches_logs_configs_or_checkpoints(tmp_path):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    env = {**os.environ, "WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
+    subprocess.run(
+        [sys.executable, "train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=wandb_csv", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300,
+    )
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
