@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from facerec.checkpoints import checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.checks import check_data_and_model
 from facerec.config import instantiate_all
 from facerec.module import FaceRecognitionModule
 
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         del checkpoint
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
+    check_data_and_model(datamodule, module)
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers)
     for logger in loggers:

@@ -59,3 +59,19 @@ def test_unknown_option_lists_the_choices():
     assert "Could not find 'head/nope'" in result.stderr
     assert "arcface" in result.stderr and "cosface" in result.stderr  # Hydra lists the available options
     assert "Traceback" not in result.stderr
+
+
+def test_inconsistent_settings_fail_before_training(tmp_path):
+    import re
+
+    from facerec.checks import check_data_and_model
+
+    cases = {
+        "head.embedding_size=64": "backbone yields embeddings of shape (128,) but the head expects (64,)",
+        "head.num_classes=21": "head.num_classes=21 but dataset.num_classes=20",
+        "model.input_size=64": "cannot take the training images of shape (3, 32, 32)",
+    }
+    for override, message in cases.items():
+        cfg = compose_config([*TINY_RUN, override], tmp_path)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_data_and_model(instantiate(cfg.dataset), build_module(cfg))

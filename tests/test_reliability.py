@@ -110,3 +110,14 @@ def test_the_wandb_key_never_reaches_logs_configs_or_checkpoints(tmp_path):
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 10
     assert not [p for p in files if secret.encode() in p.read_bytes()]
+
+
+def test_resuming_into_a_different_class_set_is_refused(tmp_path):
+    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}"])
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY_RUN, "logger=csv", "dataset.num_classes=19", f"hydra.run.dir={tmp_path}",
+         "ckpt_path=last"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "dataset.num_classes: checkpoint 20, config 19" in result.stderr

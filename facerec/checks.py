@@ -1,0 +1,41 @@
+"""Checks run before training starts, so a wrong config fails in seconds with a clear message
+instead of hours later (or never) deep inside a stack trace."""
+from __future__ import annotations
+
+import torch
+
+from facerec.data import FaceDataModule
+from facerec.module import FaceRecognitionModule
+
+
+def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModule) -> None:
+    """The head fits the data's classes and the backbone's embeddings; the backbone takes the images."""
+    head = module.head
+    if head.num_classes != datamodule.num_classes:
+        raise ValueError(
+            f"head.num_classes={head.num_classes} but dataset.num_classes={datamodule.num_classes}; the class "
+            "count is stated once, in the dataset config (head configs use ${dataset.num_classes})"
+        )
+    if len(datamodule.train_set) == 0:
+        raise ValueError(f"the training set {type(datamodule.train_set).__name__} holds no images")
+    image, label = datamodule.train_set[0]
+    backbone = module.backbone
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            embeddings = backbone(torch.stack([image, image]))
+    except RuntimeError as error:
+        raise ValueError(
+            f"the backbone ({type(backbone).__name__}) cannot take the training images of shape "
+            f"{tuple(image.shape)}: {error}. Check that the model's input size matches the dataset's image size."
+        ) from error
+    finally:
+        backbone.train(was_training)
+    if embeddings.shape != (2, head.embedding_size):
+        raise ValueError(
+            f"the backbone yields embeddings of shape {tuple(embeddings.shape[1:])} but the head expects "
+            f"({head.embedding_size},); head.embedding_size must equal model.embedding_size"
+        )
+    if not 0 <= int(label) < head.num_classes:
+        raise ValueError(f"the first training label is {int(label)}, outside [0, {head.num_classes}) (dataset.num_classes)")
