@@ -44,7 +44,7 @@ def export_onnx(backbone: nn.Module, example: torch.Tensor, path: Path, opset: i
         path,
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},  # keyed by forward's argument name
         opset_version=opset,
         external_data=False,  # one self-contained file (the largest backbone, IResNet-200, is 0.5 GB)
         dynamo=True,
@@ -61,7 +61,7 @@ def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(embeddings))
 
 
-def export_torchscript(backbone: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def export_torchscript(backbone: nn.Module, example: torch.Tensor, path: Path, _opset: int) -> None:
     torch.jit.save(torch.jit.trace(backbone, example), str(path))
 
 

@@ -143,6 +143,8 @@ def test_bad_options_are_refused_with_the_name_and_the_choices():
         build("resnet50")
     with pytest.raises(ValueError, match="autocast must be null or one of \\['bf16', 'fp16'\\], got 'fp8'"):
         build("mobilefacenet", autocast="fp8")
+    with pytest.raises(ValueError, match=r"IResNet takes \(B, 3, 112, 112\) images, got \(2, 3, 32, 32\); set the data"):
+        build("iresnet18")(torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"])
@@ -154,6 +156,14 @@ def test_model_configs_build_their_backbone_and_feed_the_head(name, tmp_path):
     assert model.input_size == 112 and model.autocast is None and not model.channels_last
 
 
+def test_smoke_experiment_shrinks_the_tiny_net_but_leaves_a_chosen_backbone_alone(tmp_path):
+    smoke = compose_config(TINY_RUN, tmp_path).model
+    assert (smoke.name, smoke.width, smoke.input_size) == ("tiny", 4, 32)  # input size follows the data
+    chosen = compose_config([*TINY_RUN, "model=iresnet18", "dataset.train.image_size=112"], tmp_path).model
+    assert chosen.name == "iresnet18" and "width" not in chosen
+    assert compose_config([], tmp_path).model.input_size == 112
+
+
 def test_train_iresnet18_on_cpu_then_reload(tmp_path):
     """A few steps of train.py with IResNet-18 on 112x112 synthetic faces (smoke data, shrunk)."""
     run_script(
@@ -161,8 +171,6 @@ def test_train_iresnet18_on_cpu_then_reload(tmp_path):
             "train.py",
             *TINY_RUN,
             "model=iresnet18",
-            "~model.width",  # the smoke experiment's tiny-net settings
-            "~model.input_size",
             "dataset.train.image_size=112",
             "dataset.num_classes=4",
             "dataset.train.images_per_class=2",

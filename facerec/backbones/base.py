@@ -41,6 +41,12 @@ class FaceBackbone(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # A clear message rather than a matmul error in the FC (skipped while tracing: shapes are tensors then).
+        if not torch.jit.is_tracing() and images.shape[-3:] != (3, self.input_size, self.input_size):
+            raise ValueError(
+                f"{type(self).__name__} takes (B, 3, {self.input_size}, {self.input_size}) images, "
+                f"got {tuple(images.shape)}; set the data's image size (dataset.train.image_size) to match"
+            )
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.autocast is None:
