@@ -147,7 +147,7 @@ def test_bad_options_are_refused_with_the_name_and_the_choices():
         build("iresnet18")(torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"])
+@pytest.mark.parametrize("name", FACE_BACKBONES)
 def test_model_configs_build_their_backbone_and_feed_the_head(name, tmp_path):
     cfg = compose_config([f"model={name}"], tmp_path)
     assert cfg.head.embedding_size == cfg.model.embedding_size == 512
@@ -164,6 +164,7 @@ def test_smoke_experiment_shrinks_the_tiny_net_but_leaves_a_chosen_backbone_alon
     assert compose_config([], tmp_path).model.input_size == 112
 
 
+@pytest.mark.slow  # ~20 s alone, 40 s beside other tests
 def test_train_iresnet18_on_cpu_then_reload(tmp_path):
     """A few steps of train.py with IResNet-18 on 112x112 synthetic faces (smoke data, shrunk)."""
     run_script(
