@@ -1,6 +1,7 @@
 """Backbones by name (as in timm): `@register("name")` on a constructor, `build("name", **kwargs)`."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -26,4 +27,9 @@ def build(name: str, **kwargs) -> nn.Module:
     """Build the backbone registered as `name`; kwargs go to its constructor."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    return _REGISTRY[name](**kwargs)
+    constructor = _REGISTRY[name]
+    options = inspect.signature(constructor).parameters
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:  # e.g. a tiny-net option (width) left over after switching `model=`
+        raise TypeError(f"backbone {name!r} has no option {', '.join(unknown)}; its options: {', '.join(options)}")
+    return constructor(**kwargs)

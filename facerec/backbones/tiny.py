@@ -1,8 +1,9 @@
-"""A small residual conv net for CPU runs and tests, with the face-model embedding layer."""
+"""A small residual conv net for CPU runs and tests, with IResNet's embedding layer."""
 from __future__ import annotations
 
 from torch import nn
 
+from facerec.backbones.base import FlatEmbedding
 from facerec.backbones.registry import register
 
 
@@ -30,40 +31,33 @@ class ResidualBlock(nn.Module):
         return self.act(x + self.body(x))
 
 
-class EmbeddingLayer(nn.Module):
-    """BN -> dropout -> flatten -> FC -> BN, the output layer of IResNet/MobileFaceNet."""
-
-    def __init__(self, channels: int, spatial: int, embedding_size: int, dropout: float):
-        super().__init__()
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(channels * spatial * spatial, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size)
-
-    def forward(self, x):
-        return self.features(self.fc(self.dropout(self.bn2(x)).flatten(1)))
-
-
-class TinyNet(nn.Module):
+class TinyNet(FlatEmbedding):
     """112x112 -> 56 (stem) -> 28 -> 14 -> 7 with `width`, 2x, 4x, 8x channels -> embedding."""
 
-    def __init__(self, embedding_size: int = 128, width: int = 16, dropout: float = 0.0, input_size: int = 112):
-        super().__init__()
+    def __init__(
+        self,
+        embedding_size: int = 128,
+        width: int = 16,
+        dropout: float = 0.0,
+        input_size: int = 112,
+        autocast: str | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__(embedding_size, autocast, channels_last)
         if input_size % 16:
             raise ValueError(f"TinyNet input_size must be a multiple of 16, got {input_size}")
-        self.embedding_size = embedding_size
+        self.input_size = input_size
         self.stem = conv_bn_act(3, width, stride=2)
         self.stages = nn.Sequential(
             ResidualBlock(width, 2 * width),
             ResidualBlock(2 * width, 4 * width),
             ResidualBlock(4 * width, 8 * width),
         )
-        self.output = EmbeddingLayer(8 * width, input_size // 16, embedding_size, dropout)
+        self.add_embedding_layer(8 * width, input_size // 16, dropout)
+        self.finish_init()
 
-    def forward(self, x):
-        return self.output(self.stages(self.stem(x)))
+    def trunk(self, images):
+        return self.stages(self.stem(images))
 
 
-@register("tiny")
-def tiny(embedding_size: int = 128, width: int = 16, dropout: float = 0.0, input_size: int = 112) -> TinyNet:
-    return TinyNet(embedding_size, width, dropout, input_size)
+register("tiny")(TinyNet)
