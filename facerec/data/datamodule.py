@@ -4,9 +4,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from facerec.data.verification import VerificationSet
+
+
+def collate_skipping_none(samples: list):
+    """default_collate over the samples that are not None (a training set returns None for an image
+    it skipped, see facerec.data.EncodedImages); a batch is then a little smaller."""
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        raise RuntimeError(f"all {len(samples)} samples of a batch were skipped as unreadable; check the data")
+    return default_collate(kept)
 
 
 class FaceDataModule(L.LightningDataModule):
@@ -59,7 +68,12 @@ class FaceDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, **self.loader_options
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,  # under DDP Lightning swaps in a DistributedSampler: each image once per epoch
+            drop_last=self.drop_last,
+            collate_fn=collate_skipping_none,
+            **self.loader_options,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
