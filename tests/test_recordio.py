@@ -117,32 +117,31 @@ def test_truncated_rec_is_refused(record_folder, tmp_path):
             RecordDataset(tmp_path, num_classes=4)
 
 
-def test_idx_of_another_rec_is_refused(record_folder, tmp_path):
-    (tmp_path / "property").write_text("4,112,112\n")
-    (tmp_path / "train.rec").write_bytes((record_folder / "train.rec").read_bytes())
-    offsets = [int(line.split("\t")[1]) for line in (record_folder / "train.idx").read_text().splitlines()]
-    (tmp_path / "train.idx").write_text("".join(f"{k}\t{o + 4}\n" for k, o in enumerate(offsets)))
-    with pytest.raises(RecordIOError, match="does not match"):
-        RecordDataset(tmp_path, num_classes=4)
-    (tmp_path / "train.idx").write_text("0\t0\n1\tnot-a-number\n")
-    with pytest.raises(RecordIOError, match="not a RecordIO index"):
-        RecordDataset(tmp_path, num_classes=4)
-    (tmp_path / "train.idx").write_text("0\t0\n1\t999999999\n")
-    with pytest.raises(RecordIOError, match="beyond the end"):
-        RecordDataset(tmp_path, num_classes=4)
+def shifted_index(idx: str) -> str:
+    """An index whose offsets point 4 bytes past each record: as if it belonged to another file."""
+    rows = [line.split("\t") for line in idx.splitlines()]
+    return "".join(f"{key}\t{int(offset) + 4}\n" for key, offset in rows)
 
 
-def test_property_is_required_and_must_match_num_classes(record_folder, tmp_path):
-    for name in ("train.rec", "train.idx"):
-        (tmp_path / name).write_bytes((record_folder / name).read_bytes())
-    with pytest.raises(FileNotFoundError, match="property.*num_classes,height,width"):
-        RecordDataset(tmp_path, num_classes=4)
-    (tmp_path / "property").write_text("four,112,112")
-    with pytest.raises(ValueError, match="expected 'num_classes,height,width'"):
-        RecordDataset(tmp_path, num_classes=4)
-    (tmp_path / "property").write_text("4,112,112")
-    with pytest.raises(ValueError, match="states 4 classes but dataset.num_classes=5"):
-        RecordDataset(tmp_path, num_classes=5)
+BAD_FILES = [  # (file, its new content from the original text (None: deleted), error, message, num_classes)
+    ("train.idx", shifted_index, RecordIOError, "does not match", 4),
+    ("train.idx", lambda _: "0\t0\n1\tnot-a-number\n", RecordIOError, "not a RecordIO index", 4),
+    ("train.idx", lambda _: "0\t0\n1\t999999999\n", RecordIOError, "beyond the end", 4),
+    ("property", None, FileNotFoundError, "property.*num_classes,height,width", 4),
+    ("property", lambda _: "four,112,112", ValueError, "expected 'num_classes,height,width'", 4),
+    ("property", lambda _: "4,112,112", ValueError, "states 4 classes but dataset.num_classes=5", 5),
+]
+
+
+@pytest.mark.parametrize("name,change,error,match,num_classes", BAD_FILES)
+def test_bad_files_fail_clearly(record_folder, tmp_path, name, change, error, match, num_classes):
+    for file in ("train.rec", "train.idx", "property"):
+        if file != name:
+            (tmp_path / file).write_bytes((record_folder / file).read_bytes())
+        elif change is not None:
+            (tmp_path / file).write_text(change((record_folder / file).read_text()))
+    with pytest.raises(error, match=match):
+        RecordDataset(tmp_path, num_classes=num_classes)
 
 
 def test_label_outside_num_classes_names_label_and_c(tmp_path):
