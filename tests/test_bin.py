@@ -48,6 +48,14 @@ def test_numpy_images_and_labels_and_old_protocols_load(jpegs, tmp_path, protoco
     assert read_bin(tmp_path / "y.bin")[1].tolist() == [True]
 
 
+def test_python2_pickle_loads_str_as_bytes(tmp_path):
+    # The released .bin files were pickled by Python 2: images are py2 str (SHORT_BINSTRING opcodes).
+    python2_pickle = b"\x80\x02(](U\x02abU\x02cde]\x88at."  # ([str "ab", str "cd"], [True])
+    (tmp_path / "py2.bin").write_bytes(python2_pickle)
+    images, issame = read_bin(tmp_path / "py2.bin")
+    assert images == [b"ab", b"cd"] and issame.tolist() == [True]
+
+
 class CreatesFile:
     def __init__(self, path):
         self.path = path

@@ -70,6 +70,8 @@ def test_folder_skips_non_images_and_empty_identities(tmp_path, caplog):
     assert subset.scan.names == ["id02", "id00"] and [subset[i][1] for i in range(4)] == [0, 0, 1, 1]
     with pytest.raises(FileNotFoundError, match="1 listed identities have no folder.*'ghost'"):
         ImageFolderDataset(root, identities=["id00", "ghost"])
+    with pytest.raises(ValueError, match="repeats 1 names, e.g. \\['id00'\\]"):
+        ImageFolderDataset(root, identities=["id00", "id01", "id00"])
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         ImageFolderDataset(tmp_path / "nowhere")
 

@@ -1,6 +1,6 @@
 """Encoded image bytes -> RGB uint8 arrays of the network's size -> normalised network input.
 
-JPEG goes through simplejpeg (libjpeg-turbo, straight into a numpy array): 2.4x
+JPEG goes through simplejpeg (libjpeg-turbo, straight into a numpy array): 2x
 Pillow on 112x112 faces, with the same pixels (both use libjpeg-turbo's default
 integer DCT and fancy upsampling; see benchmarks/decode.py). It decodes strictly:
 a corrupt JPEG raises instead of returning partly grey pixels, which Pillow
@@ -58,7 +58,7 @@ def decode_image(data: bytes, size: int = 112) -> np.ndarray:
     """(size, size, 3) uint8 RGB from encoded image bytes; DecodeError when they are not a readable image."""
     if is_jpeg(data):
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError as error:
             raise DecodeError(f"corrupt JPEG: {error}") from None
     else:

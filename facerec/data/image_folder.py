@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ class FolderScan:
 
 
 def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None = None) -> FolderScan:
+    """The identities and images of `root` under the rules of the module docstring."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
@@ -76,8 +78,9 @@ def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None 
                 f"{len(missing)} listed identities have no folder under {root}, e.g. {missing[:3]}"
                 + (f" (list: {identities})" if isinstance(identities, (str, Path)) else "")
             )
-        if len(set(wanted)) != len(wanted):
-            raise ValueError(f"the identity list repeats names: {sorted({n for n in wanted if wanted.count(n) > 1})[:3]}")
+        repeated = [name for name, count in Counter(wanted).items() if count > 1]
+        if repeated:
+            raise ValueError(f"the identity list repeats {len(repeated)} names, e.g. {repeated[:3]}")
     names, paths, labels, empty, skipped = [], [], [], [], 0
     for name in wanted:
         files = sorted(entry.name for entry in os.scandir(root / name) if entry.is_file())

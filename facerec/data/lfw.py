@@ -80,24 +80,23 @@ class LfwPairs(VerificationSet):
         self.root, self.pairs_file = Path(root), Path(pairs)
         self.image_size = int(image_size)
         parsed = read_pairs(self.pairs_file)
-        self.paths: list[Path] = []
+        self.paths: list[Path] = []  # each image once, however many pairs use it
         index_of: dict[Path, int] = {}
-        kept, self.skipped_lines = [], []
-        pair_indices = []
-        for row, ((name_a, number_a), (name_b, number_b)) in enumerate(parsed.images):
-            files = [self.root / n / f"{n}_{k:04d}{suffix}" for n, k in ((name_a, number_a), (name_b, number_b))]
-            absent = [str(f) for f in files if not f.is_file()]
+        pair_indices, kept, self.skipped_lines = [], [], []
+        for row, (line, images) in enumerate(zip(parsed.lines, parsed.images)):
+            files = [self.root / name / f"{name}_{number:04d}{suffix}" for name, number in images]
+            absent = [str(file) for file in files if not file.is_file()]
             if absent:
                 if missing == "error":
-                    raise FileNotFoundError(f"{self.pairs_file}:{parsed.lines[row]}: image not found: {absent[0]}")
-                self.skipped_lines.append(parsed.lines[row])
-                log.warning("%s:%d: skipped pair, image not found: %s", self.pairs_file, parsed.lines[row], absent[0])
+                    raise FileNotFoundError(f"{self.pairs_file}:{line}: image not found: {absent[0]}")
+                self.skipped_lines.append(line)
+                log.warning("%s:%d: skipped pair, image not found: %s", self.pairs_file, line, absent[0])
                 continue
             for file in files:
                 if file not in index_of:
                     index_of[file] = len(self.paths)
                     self.paths.append(file)
-            pair_indices.append([index_of[f] for f in files])
+            pair_indices.append([index_of[file] for file in files])
             kept.append(row)
         if self.skipped_lines:
             log.warning(
