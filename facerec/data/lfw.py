@@ -1,0 +1,115 @@
+"""LFW pairs files (`pairs.txt`, `pairsDevTrain.txt`, `pairsDevTest.txt`) over an image folder.
+
+Layout: a header line, then same-person lines `name<TAB>n1<TAB>n2` and
+different-person lines `name1<TAB>n1<TAB>name2<TAB>n2` (image numbers 1-based;
+the files are `root/name/name_NNNN.jpg`). Header `folds<TAB>n` (View 2: 10 x 300):
+each fold is n same then n different lines, and the folds are the protocol's.
+Header `n` (View 1): n same then n different lines; no official folds (the
+evaluation draws stratified ones).
+
+A pair whose image file is missing (LFW's `Betsy_Coffin_0001` in pairsDevTest.txt)
+is skipped, logged with its line and counted in `skipped_lines` (missing="error":
+FileNotFoundError instead); the remaining pairs keep their labels and folds.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facerec.data.decode import image_tensor
+from facerec.data.verification import VerificationSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairsFile:
+    """One entry per line: `images[i]` = ((name, number), (name, number)), `issame[i]`,
+    `folds[i]` (None for View 1) and `lines[i]`, the 1-based line number."""
+
+    images: list[tuple[tuple[str, int], tuple[str, int]]]
+    issame: np.ndarray
+    folds: np.ndarray | None
+    lines: list[int]
+
+
+def read_pairs(path: str | Path) -> PairsFile:
+    path = Path(path)
+    rows = path.read_text().splitlines()
+    header = rows[0].split() if rows else []
+    if len(header) not in (1, 2) or not all(field.isdigit() for field in header):
+        raise ValueError(f"{path}:1: expected a header 'folds<TAB>pairs per class' or 'pairs per class', got {rows[:1]}")
+    n_folds, per_class = (int(header[0]), int(header[1])) if len(header) == 2 else (1, int(header[0]))
+    body = [(number, row.split()) for number, row in enumerate(rows[1:], 2) if row.strip()]
+    if len(body) != 2 * n_folds * per_class:
+        raise ValueError(f"{path}: the header promises {n_folds} x 2 x {per_class} pairs, the file has {len(body)} lines")
+    images, issame, lines = [], [], []
+    for position, (number, fields) in enumerate(body):
+        same = position % (2 * per_class) < per_class
+        if same and len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            images.append(((fields[0], int(fields[1])), (fields[0], int(fields[2]))))
+        elif not same and len(fields) == 4 and fields[1].isdigit() and fields[3].isdigit():
+            images.append(((fields[0], int(fields[1])), (fields[2], int(fields[3]))))
+        else:
+            kind = "same-person 'name n1 n2'" if same else "different-person 'name1 n1 name2 n2'"
+            raise ValueError(f"{path}:{number}: expected a {kind} line here, got {' '.join(fields)!r}")
+        issame.append(same)
+        lines.append(number)
+    folds = np.repeat(np.arange(n_folds), 2 * per_class) if n_folds > 1 else None
+    return PairsFile(images, np.asarray(issame), folds, lines)
+
+
+class LfwPairs(VerificationSet):
+    """Verification pairs of an LFW pairs file over `root/<name>/<name>_NNNN<suffix>`."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        pairs: str | Path,
+        name: str = "lfw",
+        image_size: int = 112,
+        missing: str = "skip",
+        suffix: str = ".jpg",
+    ):
+        if missing not in ("skip", "error"):
+            raise ValueError(f"missing must be 'skip' or 'error', got {missing!r}")
+        self.root, self.pairs_file = Path(root), Path(pairs)
+        self.image_size = int(image_size)
+        parsed = read_pairs(self.pairs_file)
+        self.paths: list[Path] = []  # each image once, however many pairs use it
+        index_of: dict[Path, int] = {}
+        pair_indices, kept, self.skipped_lines = [], [], []
+        for row, (line, images) in enumerate(zip(parsed.lines, parsed.images)):
+            files = [self.root / name / f"{name}_{number:04d}{suffix}" for name, number in images]
+            absent = [str(file) for file in files if not file.is_file()]
+            if absent:
+                if missing == "error":
+                    raise FileNotFoundError(f"{self.pairs_file}:{line}: image not found: {absent[0]}")
+                self.skipped_lines.append(line)
+                log.warning("%s:%d: skipped pair, image not found: %s", self.pairs_file, line, absent[0])
+                continue
+            for file in files:
+                if file not in index_of:
+                    index_of[file] = len(self.paths)
+                    self.paths.append(file)
+            pair_indices.append([index_of[file] for file in files])
+            kept.append(row)
+        if self.skipped_lines:
+            log.warning(
+                "%s: %d of %d pairs skipped for missing images (lines %s)",
+                self.pairs_file, len(self.skipped_lines), len(parsed.images), self.skipped_lines,
+            )
+        super().__init__(
+            name=name,
+            num_images=len(self.paths),
+            pairs=np.asarray(pair_indices, dtype=np.int64).reshape(-1, 2),
+            issame=parsed.issame[kept],
+            folds=None if parsed.folds is None else parsed.folds[kept],
+        )
+
+    def image(self, index: int) -> torch.Tensor:
+        return image_tensor(self.paths[index].read_bytes(), self.image_size, str(self.paths[index]))

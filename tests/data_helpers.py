@@ -1,0 +1,33 @@
+"""Small real image files for the data tests (smooth random faces-sized images, JPEG and other formats)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+
+def smooth_image(rng: np.random.Generator, height: int = 112, width: int = 112, channels: int = 3) -> np.ndarray:
+    """uint8 (H, W, C): upsampled noise, so JPEG compresses it like a photo rather than like static."""
+    coarse = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, channels)).astype(np.float32)
+    image = coarse.repeat(8, axis=0).repeat(8, axis=1)[:height, :width]
+    return np.ascontiguousarray(image.astype(np.uint8))
+
+
+def write_jpeg_folder(root: Path, identities: int = 3, per_identity: int = 4, seed: int = 0) -> Path:
+    """root/id00/0.jpg ...: 112x112 RGB JPEGs."""
+    rng = np.random.default_rng(seed)
+    for identity in range(identities):
+        folder = root / f"id{identity:02d}"
+        folder.mkdir(parents=True)
+        for k in range(per_identity):
+            (folder / f"{k}.jpg").write_bytes(simplejpeg.encode_jpeg(smooth_image(rng), quality=90))
+    return root
+
+
+def write_image(path: Path, image: np.ndarray) -> Path:
+    """Any format Pillow writes, chosen by the suffix (greyscale when image has one channel)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+    return path

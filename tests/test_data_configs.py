@@ -1,0 +1,129 @@
+"""Dataset and verification-set configs compose and instantiate; train.py runs on real LFW and ORL."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, compose_config, run_script
+from data_helpers import write_jpeg_folder
+from facerec.data import BinVerificationSet, LfwPairs, write_bin
+from facerec.data.convert import folder_to_rec
+
+VERIFICATION_SETS = sorted(p.stem for p in (CONF_DIR / "verification").glob("*.yaml"))
+BIN_SETS = {"lfw_bin": "lfw", "cfp_fp": "cfp_fp", "cfp_ff": "cfp_ff", "agedb_30": "agedb_30", "calfw": "calfw",
+            "cplfw": "cplfw", "vgg2_fp": "vgg2_fp"}  # config -> file stem in paths.verification_dir
+
+
+def test_verification_group_holds_the_expected_sets():
+    assert set(VERIFICATION_SETS) >= {"lfw", "lfw_devtest", *BIN_SETS}
+
+
+@pytest.mark.parametrize("name", sorted(BIN_SETS))
+def test_bin_set_configs_read_from_the_verification_dir(name, tmp_path, jpeg_pair):
+    write_bin(tmp_path / f"{BIN_SETS[name]}.bin", jpeg_pair * 2, [True, False])
+    cfg = compose_config([f"+verification={name}", f"paths.verification_dir={tmp_path}"], tmp_path)
+    val_set = instantiate(cfg.verification)
+    assert isinstance(val_set, BinVerificationSet) and val_set.name == name and len(val_set.issame) == 2
+
+
+@pytest.fixture(scope="module")
+def jpeg_pair(tmp_path_factory):
+    root = write_jpeg_folder(tmp_path_factory.mktemp("jpegs") / "faces", identities=1, per_identity=2)
+    return [p.read_bytes() for p in sorted((root / "id00").iterdir())]
+
+
+def test_lfw_configs_work_out_of_the_box(shared_data, tmp_path):
+    for name, pairs in [("lfw", 6000), ("lfw_devtest", 999)]:
+        cfg = compose_config([f"+verification={name}", f"paths.data_dir={shared_data}"], tmp_path)
+        val_set = instantiate(cfg.verification)
+        assert isinstance(val_set, LfwPairs) and len(val_set.issame) == pairs
+
+
+@pytest.mark.parametrize(
+    "option,num_classes,root",
+    [
+        ("casia_webface", 10572, "faces_webface_112x112"),
+        ("ms1mv2", 85742, "faces_emore"),
+        ("ms1mv3", 93431, "ms1m-retinaface-t1"),
+        ("glint360k", 360232, "glint360k"),
+    ],
+)
+def test_insightface_dataset_configs(option, num_classes, root, tmp_path):
+    cfg = compose_config([f"dataset={option}", "paths.data_dir=/data"], tmp_path)
+    assert cfg.dataset.num_classes == cfg.dataset.train.num_classes == num_classes
+    assert cfg.dataset.train.root == f"/data/{root}"
+    assert set(cfg.dataset.val_sets) == {"lfw", "cfp_fp", "agedb_30"}
+    assert cfg.dataset.val_sets.cfp_fp.path == "/data/verification/cfp_fp.bin"
+
+
+def test_recordio_config_trains_from_a_converted_folder(tmp_path):
+    """dataset=recordio end to end: a converted folder, .bin val sets from the converter's own writer."""
+    faces = write_jpeg_folder(tmp_path / "faces", identities=6, per_identity=4)
+    folder_to_rec(faces, tmp_path / "rec")
+    images = [p.read_bytes() for p in sorted(faces.glob("*/*.jpg"))] * 2
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    for stem in ("lfw", "cfp_fp", "agedb_30"):  # 10 folds need >= 10 same and 10 different pairs
+        write_bin(bins / f"{stem}.bin", images[:40], [True, False] * 10)
+    out = run_script(
+        [
+            "train.py",
+            "dataset=recordio",
+            f"dataset.train.root={tmp_path / 'rec'}",
+            "dataset.num_classes=6",
+            f"paths.verification_dir={bins}",
+            "dataset.batch_size=8",
+            "dataset.num_workers=2",
+            "trainer.max_epochs=1",
+            "model.width=4",
+            "logger=csv",
+            "callbacks.progress_bar.refresh_rate=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    for name in ("lfw", "cfp_fp", "agedb_30"):
+        assert f"held-out verification {name}: accuracy" in out.stdout
+
+
+def test_lfw_devtrain_trains_on_real_lfw(shared_data, tmp_path):
+    out = run_script(
+        [
+            "train.py",
+            "dataset=lfw_devtrain",
+            f"paths.data_dir={shared_data}",
+            "trainer.max_steps=3",
+            "model.width=4",
+            "logger=csv",
+            "callbacks.progress_bar.refresh_rate=0",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert "held-out verification lfw_devtest: accuracy" in out.stdout
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    scales = [float(r["train/s"]) for r in rows if r.get("train/s")]
+    assert scales[0] == pytest.approx(math.sqrt(2) * math.log(4038 - 1), rel=1e-5)  # C = 4,038 DevTrain people
+    accuracy = [float(r["val/lfw_devtest/accuracy"]) for r in rows if r.get("val/lfw_devtest/accuracy")]
+    assert len(accuracy) == 1 and 0.5 < accuracy[0] <= 1  # even 3 steps beat chance on pixel similarity
+    log = (tmp_path / "train.log").read_text()
+    assert "pairsDevTest.txt:585: skipped pair" in log and "9525 images of 4038 identities" in log
+
+
+def test_orl_trains_and_verifies_on_held_out_people(shared_data, tmp_path):
+    out = run_script(
+        [
+            "train.py",
+            "dataset=orl",
+            f"paths.data_dir={shared_data}",
+            "trainer.max_epochs=1",
+            "model.width=4",
+            "logger=csv",
+            "callbacks.progress_bar.refresh_rate=0",
+            f"hydra.run.dir={tmp_path}",
+        ]
+    )
+    assert "held-out verification orl_heldout: accuracy" in out.stdout
+    assert "finished after 9 steps" in out.stdout  # 300 images of s1..s30, batches of 32
