@@ -61,18 +61,10 @@ class VerificationResult:
         return data
 
 
-def _finite(x, name: str) -> np.ndarray:
+def _float64(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().double().numpy()
-    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))
-        raise ValueError(
-            f"{name} holds {int(bad.sum())} non-finite values (NaN/inf) in {len(rows)} embeddings "
-            f"(first rows: {rows[:5].tolist()}); the model or the data produced invalid embeddings"
-        )
-    return x
+    return np.asarray(x, dtype=np.float64)
 
 
 def _labels(issame, n: int) -> np.ndarray:
@@ -88,13 +80,21 @@ def _labels(issame, n: int) -> np.ndarray:
 
 def cosine_scores(emb1, emb2) -> np.ndarray:
     """Cosine similarity of each pair, embeddings normalised here (float64)."""
-    a, b = _finite(emb1, "emb1"), _finite(emb2, "emb2")
+    a, b = _float64(emb1), _float64(emb2)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"emb1 and emb2 must both be (N, d) arrays of the same shape, got {a.shape} and {b.shape}")
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    if np.any(norms == 0):
-        raise ValueError(f"{int((norms == 0).sum())} pairs contain an all-zero embedding, which has no direction")
-    return np.einsum("nd,nd->n", a, b) / norms
+    norm_a, norm_b = np.sqrt(np.einsum("nd,nd->n", a, a)), np.sqrt(np.einsum("nd,nd->n", b, b))
+    # NaN/inf anywhere in an embedding makes its norm non-finite: one check per row, not per value.
+    for name, norm in (("emb1", norm_a), ("emb2", norm_b)):
+        rows = np.flatnonzero(~np.isfinite(norm))
+        if len(rows):
+            raise ValueError(
+                f"{name} holds non-finite values (NaN/inf) in {len(rows)} embeddings (first rows: {rows[:5].tolist()}); "
+                "the model or the data produced invalid embeddings"
+            )
+        if np.any(norm == 0):
+            raise ValueError(f"{name} holds {int((norm == 0).sum())} all-zero embeddings, which have no direction")
+    return np.einsum("nd,nd->n", a, b) / (norm_a * norm_b)
 
 
 def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
