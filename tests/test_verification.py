@@ -52,7 +52,7 @@ def brute_force_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float
 
 def reference(emb1, emb2, issame, splits, fars):
     """The LFW protocol computed independently: scikit-learn scores, ROC, AUC and folds, brute-force thresholds."""
-    scores = 1.0 - paired_cosine_distances(emb1, emb2)
+    scores = 1.0 - paired_cosine_distances(np.float64(emb1), np.float64(emb2))  # sklearn keeps float32 as float32
     fold_accuracies, fold_thresholds = [], []
     for train, test in splits:
         threshold, _ = brute_force_threshold(scores[train], issame[train])

@@ -62,8 +62,9 @@ def plot_roc(results: Mapping[str, VerificationResult], path: str | Path, title:
     for name, r in results.items():
         shown = r.fpr > 0  # FAR = 0 has no place on a log axis
         smallest = min(smallest, r.fpr[shown].min())
-        label = f"{name}: {100 * r.accuracy:.2f}% ± {100 * r.accuracy_std:.2f}, AUC {r.auc:.4f}"
+        label = f"{name}: {100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}%, AUC {r.auc:.4f}"
         ax.step(r.fpr[shown], r.tpr[shown], where="post", label=label)
+    ax.plot([smallest, 1.0], [smallest, 1.0], "k:", linewidth=1, label="chance")
     ax.set_xscale("log")
     ax.set_xlim(smallest, 1.0)
     ax.set_ylim(0.0, 1.005)
