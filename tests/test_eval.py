@@ -168,3 +168,10 @@ def test_lfw_view1_devtest_gets_stratified_folds(shared_data, tmp_path):
     table = pixel_embeddings(devtest)
     result = verify(table[devtest.pairs[:, 0]], table[devtest.pairs[:, 1]], devtest.issame, folds=devtest.folds)
     assert result.fold_policy == "stratified(seed=0)" and "stratified" in result.notes[0]
+
+
+@pytest.mark.skipif(not (CONF_DIR / "verification" / "agedb_30.yaml").exists(), reason=".bin set configs not merged yet")
+def test_a_set_whose_file_is_missing_is_named(smoke_run, tmp_path):
+    checkpoint, _ = smoke_run
+    with pytest.raises(Exception, match=rf"{tmp_path}/agedb_30\.bin"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "eval_sets=[agedb_30]", f"paths.verification_dir={tmp_path}"], tmp_path)
