@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facerec.evaluation import VerificationMetric, embed
+from facerec.evaluation import VerificationMetric, embed, log_to_wandb
 from facerec.heads import MarginHead, angular_statistics
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ class FaceRecognitionModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         for name, val_set in getattr(datamodule, "val_sets", {}).items():
             if name not in self.val_metrics:
-                self.val_metrics[name] = VerificationMetric(
-                    val_set.pairs, val_set.issame, val_set.num_images, folds=val_set.folds
-                )
+                self.val_metrics[name] = VerificationMetric.for_set(val_set)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
         images, indices = batch
@@ -182,15 +180,17 @@ class FaceRecognitionModule(L.LightningModule):
             for metric in self.val_metrics.values():
                 metric.reset()
             return
-        accuracies = []
+        results = {}
         for name, metric in self.val_metrics.items():
-            result = metric.compute()
+            results[name] = metric.compute()  # gathers every rank's embeddings first
             metric.reset()
-            accuracies.append(result.accuracy)
-            for key, value in result.summary().items():
+            for key, value in results[name].summary().items():
                 self.log(f"val/{name}/{key}", value, add_dataloader_idx=False)
-        if accuracies:
-            self.log("val/accuracy_mean", sum(accuracies) / len(accuracies), prog_bar=True, add_dataloader_idx=False)
+        if results:
+            accuracy_mean = sum(r.accuracy for r in results.values()) / len(results)
+            self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False)
+            if self.trainer.is_global_zero:
+                log_to_wandb(self.loggers, results, self.global_step)  # ROC plot and per-set table
         self.last_validation_step = self.global_step
 
     # -------------------------------------------------------------- checkpoints

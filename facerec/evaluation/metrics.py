@@ -1,9 +1,10 @@
 """Verification as a torchmetrics Metric: under DDP all ranks' embeddings are gathered first.
 
-Each rank embeds a shard of the set's images (DistributedSampler may repeat a
-few to even out the shards); `update` records (image index, embedding) and
-`compute` assembles the full embedding table from all ranks, then scores the
-pairs, so the result equals a single-process evaluation.
+Each rank embeds a shard of the set's images (DistributedSampler pads the shards
+with a few repeated images so they are even); `update` records (image index,
+embedding) and `compute` gathers the rows of all ranks, assembles the full
+embedding table and only then scores the pairs, so the result equals a
+single-process evaluation of the whole set.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from facerec.evaluation.embeddings import embedding_table
 from facerec.evaluation.verification import FARS, VerificationResult, verify
 
 
@@ -28,22 +30,18 @@ class VerificationMetric(Metric):
         self.add_state("embeddings", default=[], dist_reduce_fx="cat")
         self.add_state("indices", default=[], dist_reduce_fx="cat")
 
+    @classmethod
+    def for_set(cls, verification_set, **kwargs) -> "VerificationMetric":
+        """The metric of a facerec VerificationSet (its pairs, labels and protocol folds)."""
+        s = verification_set
+        return cls(s.pairs, s.issame, s.num_images, folds=s.folds, **kwargs)
+
     def update(self, embeddings: torch.Tensor, indices: torch.Tensor) -> None:
         self.embeddings.append(embeddings.detach().float())
         self.indices.append(indices.detach().long().view(-1))
 
     def compute(self) -> VerificationResult:
-        embeddings = dim_zero_cat(self.embeddings).cpu()
-        indices = dim_zero_cat(self.indices).cpu()
-        table = torch.full((self.num_images, embeddings.shape[1]), float("nan"))
-        table[indices] = embeddings  # repeated indices carry identical embeddings
-        needed = torch.unique(self.pairs)
-        missing = torch.isnan(table[needed]).any(dim=1)
-        if missing.any():
-            raise RuntimeError(
-                f"verification metric: {int(missing.sum())} of {len(needed)} images used by pairs were never "
-                "embedded (or their embeddings are NaN); the loader must cover every image of the set"
-            )
+        table = embedding_table(dim_zero_cat(self.embeddings), dim_zero_cat(self.indices), self.num_images)
         return verify(
             table[self.pairs[:, 0]], table[self.pairs[:, 1]], self.issame, self.n_folds, self.folds, self.fars
         )

@@ -1,15 +1,22 @@
 """Face verification metrics under the LFW protocol, exact and vectorised.
 
-Scores are cosine similarities of L2-normalised embeddings; a pair is predicted
-"same" when its score exceeds the threshold. For each fold, the threshold that
-maximises accuracy on the other folds is applied to the held-out fold; the
-reported accuracy is the mean over folds and accuracy_std their standard
-deviation (ddof=0, as in the published tables). Candidate thresholds are all
-midpoints between consecutive distinct scores (exact, no threshold grid).
+Scores are cosine similarities of L2-normalised embeddings (float64); a pair is
+predicted "same" when its score exceeds the threshold. For each fold, the
+threshold that maximises accuracy on the other folds is applied to the held-out
+fold; the reported accuracy is the mean over folds and accuracy_std their
+standard deviation (ddof=0, as in the published tables). Candidate thresholds
+are all midpoints between consecutive distinct training scores: the search is
+exact (no threshold grid) and costs one sort per fold.
+
+Folds follow the set's protocol (see `make_folds`): the official folds where the
+set defines them (LFW View 2 and the insightface .bin sets store them as 10
+consecutive blocks of 300 same + 300 different pairs), stratified seeded folds
+where consecutive blocks would hold a single class (View 1's pairsDevTest.txt
+lists its 500 same pairs first). The result says which policy was used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -30,11 +37,11 @@ class VerificationResult:
     num_pairs: int
     num_same: int
     notes: list[str] = field(default_factory=list)
-    fpr: np.ndarray | None = field(default=None, repr=False)
+    fpr: np.ndarray | None = field(default=None, repr=False)  # the full ROC, one point per distinct score
     tpr: np.ndarray | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, float]:
-        """Flat float metrics (for loggers and JSON)."""
+        """Flat float metrics (for loggers)."""
         flat = {
             "accuracy": self.accuracy,
             "accuracy_std": self.accuracy_std,
@@ -47,27 +54,47 @@ class VerificationResult:
                 flat[f"tar@far={far:.0e}"] = tar
         return flat
 
+    def to_dict(self) -> dict:
+        """Everything but the ROC arrays, JSON-ready (FAR keys as "1e-03")."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("fpr", "tpr")}
+        data["tar_at_far"] = {f"{far:.0e}": tar for far, tar in self.tar_at_far.items()}
+        return data
 
-def _as_numpy(x, name: str) -> np.ndarray:
+
+def _float64(x) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype != bool and not np.all(np.isfinite(x)):
-        bad = int(np.size(x) - np.isfinite(x).sum())
-        raise ValueError(f"{name} holds {bad} non-finite values (NaN/inf); the model or the data produced invalid embeddings")
-    return x
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _labels(issame, n: int) -> np.ndarray:
+    if hasattr(issame, "detach"):
+        issame = issame.detach().cpu().numpy()
+    issame = np.asarray(issame)
+    if issame.ndim != 1 or len(issame) != n:
+        raise ValueError(f"issame must be a 1-D array with one label per pair ({n}), got shape {issame.shape}")
+    if issame.dtype != bool and not np.isin(issame, (0, 1)).all():
+        raise ValueError(f"issame must hold booleans (or 0/1), got values {np.unique(issame)[:5]}")
+    return issame.astype(bool)
 
 
 def cosine_scores(emb1, emb2) -> np.ndarray:
     """Cosine similarity of each pair, embeddings normalised here (float64)."""
-    a = _as_numpy(emb1, "emb1").astype(np.float64)
-    b = _as_numpy(emb2, "emb2").astype(np.float64)
+    a, b = _float64(emb1), _float64(emb2)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"emb1 and emb2 must both be (N, d) arrays of the same shape, got {a.shape} and {b.shape}")
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    if np.any(norms == 0):
-        raise ValueError(f"{int((norms == 0).sum())} pairs contain an all-zero embedding, which has no direction")
-    return np.einsum("nd,nd->n", a, b) / norms
+    norm_a, norm_b = np.sqrt(np.einsum("nd,nd->n", a, a)), np.sqrt(np.einsum("nd,nd->n", b, b))
+    # NaN/inf anywhere in an embedding makes its norm non-finite: one check per row, not per value.
+    for name, norm in (("emb1", norm_a), ("emb2", norm_b)):
+        rows = np.flatnonzero(~np.isfinite(norm))
+        if len(rows):
+            raise ValueError(
+                f"{name} holds non-finite values (NaN/inf) in {len(rows)} embeddings (first rows: {rows[:5].tolist()}); "
+                "the model or the data produced invalid embeddings"
+            )
+        if np.any(norm == 0):
+            raise ValueError(f"{name} holds {int((norm == 0).sum())} all-zero embeddings, which have no direction")
+    return np.einsum("nd,nd->n", a, b) / (norm_a * norm_b)
 
 
 def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
@@ -75,12 +102,12 @@ def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float
     order = np.argsort(scores, kind="stable")
     s, y = scores[order], issame[order]
     n = len(s)
-    # Predicting "same" for sorted items k..n-1, k = 0..n: TN = different among the first k.
+    # Cut k = 0..n predicts "same" for sorted items k..n-1: TN = different among the first k.
     tn = np.concatenate([[0], np.cumsum(~y)])
     tp = y.sum() - np.concatenate([[0], np.cumsum(y)])
-    valid = np.ones(n + 1, dtype=bool)
-    valid[1:n] = s[1:] > s[:-1]  # a cut between equal scores is not realisable
-    correct = np.where(valid, tp + tn, -1)
+    realisable = np.ones(n + 1, dtype=bool)
+    realisable[1:n] = s[1:] > s[:-1]  # no threshold separates equal scores
+    correct = np.where(realisable, tp + tn, -1)
     k = int(np.argmax(correct))
     lower = s[k - 1] if k > 0 else s[0] - 1.0
     upper = s[k] if k < n else s[-1] + 1.0
@@ -99,9 +126,19 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr, np.r_[np.inf, s[last_of_run]]
 
 
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars) -> np.ndarray:
+    """The best TAR among thresholds whose FAR <= far, for each far (the ROC as a step function)."""
+    return tpr[np.searchsorted(fpr, np.asarray(fars, dtype=np.float64), side="right") - 1]
+
+
+def area_under_curve(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Trapezoidal area under the ROC (ties between classes count one half)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
 def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
     """The rate where FAR = FRR, linearly interpolated between ROC points."""
-    gap = (1 - tpr) - fpr  # decreasing from 1 to -1 along the curve
+    gap = (1 - tpr) - fpr  # strictly decreasing from 1 to -1 along the curve
     i = int(np.argmax(gap <= 0))
     if i == 0:
         return float(fpr[0])
@@ -110,47 +147,76 @@ def equal_error_rate(fpr: np.ndarray, tpr: np.ndarray) -> float:
     return float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
 
 
-def make_folds(issame: np.ndarray, n_folds: int, folds=None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Fold id per pair and the policy used (see `verify`)."""
+def _one_class_folds(fold_ids: np.ndarray, issame: np.ndarray) -> list[tuple[int, int, int]]:
+    """(fold, same, different) for each fold holding a single class."""
+    folds = np.unique(fold_ids)
+    same = np.array([issame[fold_ids == f].sum() for f in folds])
+    size = np.array([(fold_ids == f).sum() for f in folds])
+    bad = (same == 0) | (same == size)
+    return [(int(f), int(s), int(n - s)) for f, s, n in zip(folds[bad], same[bad], size[bad])]
+
+
+def make_folds(issame: np.ndarray, n_folds: int = 10, folds=None, seed: int = 0) -> tuple[np.ndarray, str, list[str]]:
+    """(fold id per pair, policy, notes).
+
+    - `folds` given (the set's protocol, e.g. the official View 2 folds): used as is ("given").
+    - else the `n_folds` consecutive blocks of the pair list ("consecutive"): the official
+      folds of LFW View 2 and the insightface .bin sets, which store them in order;
+    - else, when some block would hold a single class, stratified folds drawn with `seed`
+      ("stratified(seed=...)"): each fold gets every n_folds-th pair of each class, shuffled.
+    A fold holding one class is never used: its held-out accuracy would not measure verification.
+    """
+    issame = np.asarray(issame, dtype=bool)
     n = len(issame)
     if folds is not None:
-        folds = np.asarray(folds, dtype=np.int64)
+        folds = np.asarray(folds)
         if folds.shape != (n,):
             raise ValueError(f"folds must hold one fold id per pair ({n}), got shape {folds.shape}")
-        for fold in np.unique(folds):
-            if issame[folds == fold].all() or not issame[folds == fold].any():
-                raise ValueError(f"fold {fold} holds only one class; each fold needs same and different pairs")
-        return folds, "given"
+        if len(np.unique(folds)) < 2:
+            raise ValueError(f"folds must name at least 2 folds, got {np.unique(folds).tolist()}")
+        bad = _one_class_folds(folds, issame)
+        if bad:
+            fold, same, different = bad[0]
+            raise ValueError(
+                f"given fold {fold} holds {same} same and {different} different pairs; every fold needs both classes"
+            )
+        return folds.astype(np.int64), "given", []
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    if issame.sum() < n_folds or (~issame).sum() < n_folds:
+    n_same, n_different = int(issame.sum()), int(n - issame.sum())
+    if min(n_same, n_different) < n_folds:
         raise ValueError(
-            f"{n_folds} folds need >= {n_folds} same and different pairs, got {issame.sum()} same, {(~issame).sum()} different"
+            f"{n_folds} folds need >= {n_folds} same and >= {n_folds} different pairs, "
+            f"got {n_same} same and {n_different} different"
         )
     consecutive = np.repeat(np.arange(n_folds), [len(b) for b in np.array_split(np.arange(n), n_folds)])
-    if all(0 < issame[consecutive == f].sum() < (consecutive == f).sum() for f in range(n_folds)):
-        return consecutive, "consecutive"
+    bad = _one_class_folds(consecutive, issame)
+    if not bad:
+        return consecutive, "consecutive", []
     rng = np.random.default_rng(seed)
     stratified = np.empty(n, dtype=np.int64)
     for cls in (True, False):
         members = rng.permutation(np.flatnonzero(issame == cls))
         stratified[members] = np.arange(len(members)) % n_folds
-    return stratified, f"stratified(seed={seed})"
+    fold, same, different = bad[0]
+    note = (
+        f"consecutive block {fold} of the pair list holds {same} same and {different} different pairs; "
+        f"used {n_folds} stratified folds (seed={seed}) instead"
+    )
+    return stratified, f"stratified(seed={seed})", [note]
 
 
 def verify(emb1, emb2, issame, n_folds: int = 10, folds=None, fars=FARS, seed: int = 0) -> VerificationResult:
     """LFW-protocol verification of pairs (emb1[i], emb2[i]) with labels issame[i].
 
-    Folds: `folds` if given (one id per pair); else the pairs' `n_folds`
-    consecutive blocks when each block holds both classes (LFW View 2 and the
-    insightface .bin sets: the official folds); else stratified folds drawn with
-    `seed` (e.g. View 1 lists all same pairs first). `fold_policy` reports which.
+    emb1, emb2: (N, d) arrays or tensors (normalised here); issame: (N,) booleans;
+    folds: optional fold id per pair fixed by the set (then `n_folds` is not used);
+    otherwise folds as described in `make_folds`. TAR@FAR is reported only where
+    the set has >= 1/FAR different pairs (else None, with a note).
     """
-    issame = _as_numpy(issame, "issame").astype(bool).reshape(-1)
     scores = cosine_scores(emb1, emb2)
-    if len(scores) != len(issame):
-        raise ValueError(f"{len(scores)} embedding pairs but {len(issame)} issame labels")
-    fold_ids, policy = make_folds(issame, n_folds, folds, seed)
+    issame = _labels(issame, len(scores))
+    fold_ids, policy, notes = make_folds(issame, n_folds, folds, seed)
     fold_accuracies, fold_thresholds = [], []
     for fold in np.unique(fold_ids):
         test = fold_ids == fold
@@ -159,21 +225,21 @@ def verify(emb1, emb2, issame, n_folds: int = 10, folds=None, fars=FARS, seed: i
         fold_accuracies.append(float(np.mean((scores[test] > threshold) == issame[test])))
     fpr, tpr, _ = roc_curve(scores, issame)
     n_different = int((~issame).sum())
-    tar_at_far: dict[float, float | None] = {}
-    notes = []
-    for far in fars:
+    tars = tar_at_far(fpr, tpr, fars)
+    resolved: dict[float, float | None] = {}
+    for far, tar in zip(fars, tars):
         if n_different * far < 1:
-            tar_at_far[far] = None
+            resolved[far] = None
             notes.append(f"TAR@FAR={far:.0e} needs >= {int(np.ceil(1 / far))} different pairs, the set has {n_different}")
         else:
-            tar_at_far[far] = float(tpr[fpr <= far].max())
+            resolved[far] = float(tar)
     return VerificationResult(
         accuracy=float(np.mean(fold_accuracies)),
         accuracy_std=float(np.std(fold_accuracies)),
         threshold=best_threshold(scores, issame)[0],
-        auc=float(np.trapezoid(tpr, fpr)),
+        auc=area_under_curve(fpr, tpr),
         eer=equal_error_rate(fpr, tpr),
-        tar_at_far=tar_at_far,
+        tar_at_far=resolved,
         fold_accuracies=fold_accuracies,
         fold_thresholds=fold_thresholds,
         fold_policy=policy,

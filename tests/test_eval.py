@@ -1,0 +1,177 @@
+"""eval.py end to end on checkpoints trained by train.py; its bad-input errors; the verification sets."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra import initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import CONF_DIR, TINY_RUN, compose_config, run_script
+from facerec.data import VerificationSet
+from facerec.evaluation import verify
+from facerec.evaluation.evaluate import compose_verification_sets, evaluate
+from test_verification import assert_agrees, reference
+
+# The set the smoke run validates on (conf/experiment/smoke.yaml), as eval.py overrides.
+SMOKE_SET = [
+    "+verification.synthetic_heldout.num_identities=20",
+    "+verification.synthetic_heldout.images_per_identity=4",
+    "+verification.synthetic_heldout.num_pairs=80",
+]
+
+
+def train_checkpoint(run_dir, *overrides) -> tuple:
+    """(the best checkpoint of a train.py run, the CSV row of the validation that chose it)."""
+    run_script(["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={run_dir}", *overrides])
+    (best,) = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    epoch = torch.load(best, weights_only=True)["epoch"]
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        (validation,) = [r for r in csv.DictReader(f) if r.get("val/accuracy_mean") and int(r["epoch"]) == epoch]
+    return best, validation
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    return train_checkpoint(tmp_path_factory.mktemp("smoke"), "trainer.max_epochs=4")
+
+
+def evaluate_in_process(overrides: list[str], output_dir):
+    cfg = compose_config(overrides, output_dir, config_name="eval")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return evaluate(cfg)
+
+
+def test_eval_py_reproduces_the_validation_and_writes_json_and_roc(smoke_run, tmp_path):
+    checkpoint, validation = smoke_run
+    out = run_script(["eval.py", f"ckpt_path={checkpoint}", *SMOKE_SET, f"hydra.run.dir={tmp_path}"])
+    assert "| set | pairs | accuracy (%) | TAR@FAR=1e-03 (%) | AUC | EER (%) | folds |" in out.stdout
+    assert "| synthetic_heldout | 80 |" in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["checkpoint"] == str(checkpoint) and results["model"]["input_size"] == 32
+    heldout = results["sets"]["synthetic_heldout"]
+    # The weights and pairs of the validation that chose this checkpoint: the same numbers.
+    for key in ["accuracy", "accuracy_std", "auc", "eer", "threshold"]:
+        assert abs(heldout[key] - float(validation[f"val/synthetic_heldout/{key}"])) < 1e-6, key
+    assert heldout["num_pairs"] == 80 and heldout["fold_policy"] == "consecutive" and len(heldout["fold_accuracies"]) == 10
+    assert heldout["tar_at_far"]["1e-03"] is None and "needs >= 1000 different pairs" in " ".join(heldout["notes"])
+    with Image.open(tmp_path / "roc.png") as png:
+        assert png.format == "PNG" and png.size[0] >= 640
+
+
+def test_eval_reads_the_default_set_at_the_checkpoints_input_size(smoke_run, tmp_path):
+    checkpoint, _ = smoke_run
+    results = evaluate_in_process([f"ckpt_path={checkpoint}", "batch_size=256", "bf16=true"], tmp_path)
+    assert results["synthetic_heldout"].num_pairs == 2000  # conf/verification/synthetic_heldout.yaml, 32 px
+    assert results["synthetic_heldout"].tar_at_far[1e-3] is not None
+    assert (tmp_path / "results.json").exists() and (tmp_path / "roc.png").exists()
+
+
+def tampered(checkpoint, tmp_path, model=None, weights=None):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["facerec_config"]["model"].update(model or {})
+    for key, value in (weights or {}).items():
+        ckpt["state_dict"][key] = value
+    path = tmp_path / "tampered.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
+    checkpoint, _ = smoke_run
+    with pytest.raises(ValueError, match=r"no verification config \['nope'\] .*conf/verification/<name>\.yaml.*available: .*synthetic_heldout"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "eval_sets=[synthetic_heldout,nope]"], tmp_path)
+    other_size = tampered(checkpoint, tmp_path, model={"embedding_size": 256})
+    with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*size mismatch for output.fc.weight.*torch.Size\(\[256, "):
+        evaluate_in_process([f"ckpt_path={other_size}"], tmp_path)
+    other_backbone = tampered(checkpoint, tmp_path, model={"width": 8})
+    with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*'width': 8.*size mismatch for stem"):
+        evaluate_in_process([f"ckpt_path={other_backbone}"], tmp_path)
+    with pytest.raises(ValueError, match=r"'synthetic_heldout' yields images of shape \(3, 64, 64\), but .*\(tiny\) takes \(3, 32, 32\)"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "+verification.synthetic_heldout.image_size=64"], tmp_path)
+    with pytest.raises(ValueError, match=r"overrides for \['lfw'\], which eval_sets=\['synthetic_heldout'\] does not name"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "+verification.lfw.root=x"], tmp_path)
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    nan_weights = tampered(checkpoint, tmp_path, weights={"backbone.output.fc.bias": state["backbone.output.fc.bias"] * np.nan})
+    with pytest.raises(ValueError, match=r"set 'synthetic_heldout': the model produced non-finite \(NaN/inf\) embeddings for 80 of 80 images"):
+        evaluate_in_process([f"ckpt_path={nan_weights}", *SMOKE_SET], tmp_path)
+
+
+def test_every_verification_config_composes_to_a_set():
+    names = sorted(p.stem for p in (CONF_DIR / "verification").glob("*.yaml"))
+    assert "synthetic_heldout" in names
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        configs = compose_verification_sets(names)
+    assert set(configs) == set(names) and all("_target_" in configs[name] for name in names)
+
+
+# ------------------------------------------------------------------ real LFW (../shared/data/lfw)
+needs_lfw_config = pytest.mark.skipif(
+    not (CONF_DIR / "verification" / "lfw.yaml").exists(), reason="conf/verification/lfw.yaml (the LFW reader) not merged yet"
+)
+
+
+def lfw_set(name: str, tmp_path) -> VerificationSet:
+    """A verification set through its real config (conf/verification/<name>.yaml)."""
+    cfg = compose_config([f"eval_sets=[{name}]", "ckpt_path=unused"], tmp_path, config_name="eval")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg.verification = compose_verification_sets([name])
+    return instantiate(cfg.verification[name])
+
+
+def pixel_embeddings(verification_set: VerificationSet) -> np.ndarray:
+    """A classic baseline: the zero-mean 28x28 grey image (pixel correlation as the score)."""
+    images = torch.stack([verification_set[i][0] for i in range(verification_set.num_images)])
+    grey = torch.nn.functional.avg_pool2d(images.mean(dim=1, keepdim=True), 4).flatten(1)
+    return (grey - grey.mean(dim=1, keepdim=True)).numpy()
+
+
+@needs_lfw_config
+@pytest.mark.slow
+def test_lfw_view2_protocol_on_the_real_crops(shared_data, tmp_path):
+    lfw = lfw_set("lfw", tmp_path)
+    assert len(lfw.pairs) == 6000 and lfw.issame.sum() == 3000
+    table = pixel_embeddings(lfw)
+    emb1, emb2 = table[lfw.pairs[:, 0]], table[lfw.pairs[:, 1]]
+    result = verify(emb1, emb2, lfw.issame, folds=lfw.folds)
+    assert result.fold_policy in ("given", "consecutive")  # the official View 2 folds
+    folds = np.arange(6000) // 600
+    if lfw.folds is not None:
+        np.testing.assert_array_equal(lfw.folds, folds)
+    splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(10)]
+    assert_agrees(result, reference(emb1, emb2, lfw.issame, splits, (1e-1, 1e-2, 1e-3)))
+    assert 0.55 < result.accuracy < 0.75  # pixels on aligned faces: above chance, far from a face model
+
+
+@needs_lfw_config
+@pytest.mark.slow
+def test_eval_py_on_lfw(shared_data, tmp_path):
+    checkpoint, _ = train_checkpoint(
+        tmp_path / "train", "trainer.max_epochs=1", "dataset.train.image_size=112", "model.input_size=112"
+    )
+    out = run_script(["eval.py", f"ckpt_path={checkpoint}", "eval_sets=[lfw,synthetic_heldout]", f"hydra.run.dir={tmp_path}"])
+    assert "| lfw | 6000 |" in out.stdout
+    lfw = json.loads((tmp_path / "results.json").read_text())["sets"]["lfw"]
+    assert lfw["num_same"] == 3000 and len(lfw["fold_accuracies"]) == 10
+    assert lfw["fold_policy"] in ("given", "consecutive") and lfw["tar_at_far"]["1e-03"] is not None
+    assert (tmp_path / "roc.png").exists()
+
+
+@pytest.mark.skipif(not (CONF_DIR / "verification" / "lfw_devtest.yaml").exists(), reason="lfw_devtest config not merged yet")
+def test_lfw_view1_devtest_gets_stratified_folds(shared_data, tmp_path):
+    devtest = lfw_set("lfw_devtest", tmp_path)
+    assert devtest.issame[:500].all()  # pairsDevTest.txt lists its same pairs first
+    table = pixel_embeddings(devtest)
+    result = verify(table[devtest.pairs[:, 0]], table[devtest.pairs[:, 1]], devtest.issame, folds=devtest.folds)
+    assert result.fold_policy == "stratified(seed=0)" and "stratified" in result.notes[0]
+
+
+@pytest.mark.skipif(not (CONF_DIR / "verification" / "agedb_30.yaml").exists(), reason=".bin set configs not merged yet")
+def test_a_set_whose_file_is_missing_is_named(smoke_run, tmp_path):
+    checkpoint, _ = smoke_run
+    with pytest.raises(Exception, match=rf"{tmp_path}/agedb_30\.bin"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "eval_sets=[agedb_30]", f"paths.verification_dir={tmp_path}"], tmp_path)
