@@ -86,7 +86,7 @@ def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"no verification config \['nope'\] .*conf/verification/<name>\.yaml.*available: .*synthetic_heldout"):
         evaluate_in_process([f"ckpt_path={checkpoint}", "eval_sets=[synthetic_heldout,nope]"], tmp_path)
     other_size = tampered(checkpoint, tmp_path, model={"embedding_size": 256})
-    with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*size mismatch for output.fc.weight.*torch.Size\(\[256, "):
+    with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*size mismatch for fc.weight.*torch.Size\(\[256, "):
         evaluate_in_process([f"ckpt_path={other_size}"], tmp_path)
     other_backbone = tampered(checkpoint, tmp_path, model={"width": 8})
     with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*'width': 8.*size mismatch for stem"):
@@ -96,7 +96,7 @@ def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"overrides for \['lfw'\], which eval_sets=\['synthetic_heldout'\] does not name"):
         evaluate_in_process([f"ckpt_path={checkpoint}", "+verification.lfw.root=x"], tmp_path)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    nan_weights = tampered(checkpoint, tmp_path, weights={"backbone.output.fc.bias": state["backbone.output.fc.bias"] * np.nan})
+    nan_weights = tampered(checkpoint, tmp_path, weights={"backbone.fc.bias": state["backbone.fc.bias"] * np.nan})
     with pytest.raises(ValueError, match=r"set 'synthetic_heldout': the model produced non-finite \(NaN/inf\) embeddings for 80 of 80 images"):
         evaluate_in_process([f"ckpt_path={nan_weights}", *SMOKE_SET], tmp_path)
 
