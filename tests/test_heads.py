@@ -16,6 +16,7 @@ from facerec.heads import (
     CosFace,
     DynamicScale,
     FixedScale,
+    MarginLogits,
     NormFace,
     SphereFace,
     angular_statistics,
@@ -72,24 +73,36 @@ def test_margin_touches_only_the_target(margin, policy):
     torch.testing.assert_close(logits[torch.arange(6), labels], s * reference(theta), rtol=1e-5, atol=1e-5)
 
 
-def test_in_place_forward_gives_the_same_gradients_as_a_dense_reference():
+@pytest.mark.parametrize("margin", MARGINS)
+def test_hand_written_backward_passes_gradcheck(margin):
+    head_cls, kwargs, _ = MARGINS[margin]
+    torch.manual_seed(2)
+    head = head_cls(5, 7, scale=FixedScale(3.0), **kwargs)
+    x_hat = F.normalize(torch.randn(6, 5, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)  # rows of any norm
+    labels = torch.tensor([0, 3, 6, 3, 5, 1])
+    assert torch.autograd.gradcheck(MarginLogits.apply, (x_hat, weight, labels, head))
+
+
+@pytest.mark.parametrize("margin", MARGINS)
+def test_float32_head_matches_a_float64_dense_one_hot_reference(margin):
+    head_cls, kwargs, _ = MARGINS[margin]
     torch.manual_seed(1)
-    head = CosFace(12, 30, scale=FixedScale(30.0), m=0.35).double()
-    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    head = head_cls(12, 30, scale=FixedScale(30.0), **kwargs)
+    x = torch.randn(5, 12, requires_grad=True)
     labels = torch.tensor([1, 2, 3, 29, 0])
-    # head computes in float32; compare against a float32 dense one-hot reference
-    head = head.float()
-    xf = x.detach().float().requires_grad_()
-    loss = F.cross_entropy(head(xf, labels), labels)
+    loss = F.cross_entropy(head(x, labels), labels)
     loss.backward()
-    w = head.weight.detach().clone().requires_grad_()
-    xr = x.detach().float().requires_grad_()
-    cos = F.normalize(xr) @ F.normalize(w).T
-    ref = F.cross_entropy(30.0 * (cos - 0.35 * F.one_hot(labels, 30)), labels)
-    ref.backward()
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(xf.grad, xr.grad)
-    torch.testing.assert_close(head.weight.grad, w.grad)
+    w = head.weight.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    cos = F.normalize(x64) @ F.normalize(w).T
+    one_hot = F.one_hot(labels, 30).double()  # the dense formulation the head avoids
+    target = (cos * one_hot).sum(1, keepdim=True)
+    reference = F.cross_entropy(30.0 * (cos + one_hot * (head.target_logit(target) - target)), labels)
+    reference.backward()
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6 * x64.grad.abs().max().item())
+    torch.testing.assert_close(head.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6 * w.grad.abs().max().item())
 
 
 def test_angular_statistics_on_a_known_batch():
