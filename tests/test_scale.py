@@ -187,3 +187,19 @@ def test_every_margin_composes_with_every_scale_policy(head, scale, tmp_path):
     cos = F.normalize(embeddings) @ F.normalize(module.head.weight).T
     off_target = ~F.one_hot(labels, len(labels)).bool()
     torch.testing.assert_close(logits[off_target], s * cos[off_target])
+
+
+def test_the_docs_table_is_the_scripts_output():
+    table = run_script(["scripts/scale_table.py"]).stdout.strip()
+    assert "| CASIA-WebFace | 10,575 | 13.10 / 12.79 | 25.95 / 25.64 |" in table
+    assert table in (REPO_ROOT / "docs" / "scale.md").read_text()
+
+
+def test_plot_script_writes_the_figure(tmp_path):
+    run_script(["scripts/plot_scale.py", "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_script_runs_and_prints_ratios():
+    out = run_script(["benchmarks/heads.py", "--batch", "8", "--dim", "16", "--classes", "50", "--repeats", "1"]).stdout
+    assert "| nn.Linear + cross-entropy | " in out and "| adacos + dynamic | " in out and "1.00x" in out
