@@ -49,14 +49,19 @@ MARGINS = {
     "combined": (CombinedMargin, {"m1": 1.1, "m2": 0.3, "m3": 0.2}, lambda t: torch.cos(1.1 * t + 0.3) - 0.2),
 }
 POLICIES = {"fixed": lambda: FixedScale(30.0), "auto_margin": AutoMarginScale, "dynamic": DynamicScale}
+every_margin_and_policy = pytest.mark.parametrize("margin,policy", [(m, p) for m in MARGINS for p in POLICIES])
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("margin", MARGINS)
+def build_head(margin: str, policy: str, seed: int):
+    """A 16-d, 10-class head with that margin and policy, its weights drawn from `seed`."""
+    head_cls, kwargs, _ = MARGINS[margin]
+    torch.manual_seed(seed)
+    return head_cls(16, 10, scale=POLICIES[policy](), **kwargs)
+
+
+@every_margin_and_policy
 def test_margin_touches_only_the_target(margin, policy):
-    head_cls, kwargs, reference = MARGINS[margin]
-    torch.manual_seed(0)
-    head = head_cls(16, 10, scale=POLICIES[policy](), **kwargs)
+    head = build_head(margin, policy, seed=0)
     x = torch.randn(6, 16)
     labels = torch.tensor([0, 3, 9, 3, 5, 1])
     logits = head(x, labels)
@@ -70,6 +75,7 @@ def test_margin_touches_only_the_target(margin, policy):
     assert torch.equal(changed, F.one_hot(labels, 10).bool() & has_margin)
     theta = torch.acos(cos[torch.arange(6), labels])
     assert (theta < 2.2).all()
+    reference = MARGINS[margin][2]
     torch.testing.assert_close(logits[torch.arange(6), labels], s * reference(theta), rtol=1e-5, atol=1e-5)
 
 
@@ -120,12 +126,9 @@ def test_angular_statistics_on_a_known_batch():
     assert stats["p_target"].item() == pytest.approx(torch.softmax(logits, 0)[0].item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("margin", MARGINS)
+@every_margin_and_policy
 def test_angular_statistics_hold_for_every_margin_and_policy(margin, policy):
-    head_cls, kwargs, _ = MARGINS[margin]
-    torch.manual_seed(1)
-    head = head_cls(16, 10, scale=POLICIES[policy](), **kwargs)
+    head = build_head(margin, policy, seed=1)
     x, labels = torch.randn(7, 16), torch.randint(0, 10, (7,))
     logits = head(x, labels)
     stats = angular_statistics(logits, labels, head.target_cosine(x, labels), head.scale.value)

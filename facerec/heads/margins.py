@@ -117,11 +117,12 @@ class MarginLogits(torch.autograd.Function):
         grad_raw.scatter_(1, index, grad_raw.gather(1, index) * target_slope.view(-1, 1))
         grad_x_hat = grad_raw @ weight
         grad_weight = grad_raw.T @ x_hat
-        # through w / |w|: remove the component along w (the normalisation's Jacobian). The row
-        # dot products go in blocks of 256 rows: one (C, d) temporary would cost 3x the sums.
-        blocks = zip(weight.split(256), grad_weight.split(256))
-        radial = torch.cat([torch.linalg.vecdot(w, g) for w, g in blocks]).div_(norms.square())
-        return grad_x_hat, grad_weight.addcmul_(weight, radial.view(-1, 1), value=-1), None, None
+        # Through w / |w|: remove from each row its component along w (the normalisation's
+        # Jacobian), in place, 256 rows at a time: a block stays in cache between its dot
+        # products and its update, where whole (C, d) passes cost 2x as much.
+        for w, g, n in zip(weight.split(256), grad_weight.split(256), norms.split(256)):
+            g.addcmul_(w, (torch.linalg.vecdot(w, g) / n.square()).unsqueeze(1), value=-1)
+        return grad_x_hat, grad_weight, None, None
 
 
 class NormFace(MarginHead):
