@@ -2,8 +2,8 @@
 
 Every head computes in float32 (also under autocast) and touches the target
 column only through gather/scatter, so no dense (B, C) one-hot is built. The
-training forward holds a single (B, C) float32 tensor, and nothing of size
-(B, C) or (C, d) is kept for backward (`MarginLogits`).
+training forward holds a single (B, C) float32 tensor and keeps no (B, C)
+tensor and no copy of W for backward (`MarginLogits`).
 
 A margin is its target function f(cos theta) (`target_logit`); the non-target
 logits are the plain cosines. Every f here except ArcFace's `easy_margin` decreases
