@@ -1,16 +1,29 @@
 """Scale policies: how the logit scale s is chosen. This file is where s is computed.
 
 A policy is bound to its head at construction (`policy.bind(head)`), which gives
-it the number of classes and the margin's target function, so neither is typed
+it the number of classes and the margin's target function f, so neither is typed
 twice in the configs. `policy.value` is the current s as a float; calling the
 policy with the batch's cosines returns the s to multiply the logits with.
+
+The theory (docs/scale.md): with the other C - 1 classes at 90 degrees, the target
+probability as a function of the target angle is
+
+    P(theta) = e^{s f(theta)} / (e^{s f(theta)} + C - 1) = sigmoid(s f(theta) - ln(C - 1)),
+
+and s is chosen so that P is steepest at theta0, where training samples still sit.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from facerec.heads.angles import angle
+
+CRITERIA = ("half", "inflection")
 
 
 class ScalePolicy(nn.Module):
@@ -19,7 +32,7 @@ class ScalePolicy(nn.Module):
     num_classes: int | None = None
 
     def bind(self, head: nn.Module) -> None:
-        """Called once by the head that owns this policy."""
+        """Called once by the head that owns this policy, after its margin parameters are set."""
         if self.num_classes is not None and self.num_classes != head.num_classes:
             raise ValueError(
                 f"{type(self).__name__} was built for num_classes={self.num_classes} but its head has "
@@ -31,14 +44,20 @@ class ScalePolicy(nn.Module):
     def value(self) -> float:
         raise NotImplementedError
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> float:
-        """The s for this batch; `cosine` is the (B, C) float32 cosine matrix before the margin."""
+    def forward(
+        self, cosine: torch.Tensor, target_cosine: torch.Tensor, labels: torch.Tensor
+    ) -> float | torch.Tensor:
+        """The s for this batch.
+
+        cosine: the (B, C) float32 cosines before the margin (the target column included);
+        target_cosine: (B,) cosine to the own class centre; labels: (B,) class indices.
+        """
         return self.value
 
     def extra_repr(self) -> str:
         try:
             return f"s={self.value:.4f}"
-        except (RuntimeError, TypeError):
+        except RuntimeError:
             return "unbound"
 
 
@@ -56,32 +75,184 @@ class FixedScale(ScalePolicy):
         return self._value
 
 
-def auto_scale(num_classes: int, theta0: float = math.pi / 4) -> float:
-    """Fixed-AdaCos scale s = ln(C - 1) / cos(theta0).
-
-    P(target) = e^{s cos t} / (e^{s cos t} + C - 1) equals 1/2 at t = theta0 with this s,
-    so the probability changes fastest (in cos t) where training samples still sit.
-    theta0 = pi/4 gives s = sqrt(2) ln(C - 1): 13.104 for C = 10,575.
-    """
-    if num_classes < 3:
-        raise ValueError(f"the auto scale needs num_classes >= 3 (ln(C-1) > 0), got {num_classes}")
+def _check_scale_args(num_classes: int | None, theta0: float, criterion: str = "half") -> None:
+    if num_classes is not None and num_classes < 3:
+        raise ValueError(f"an automatic scale needs num_classes >= 3 (ln(C-1) > 0), got {num_classes}")
     if not 0 < theta0 < math.pi / 2:
-        raise ValueError(f"theta0 must lie in (0, pi/2) radians, got {theta0}")
-    return math.log(num_classes - 1) / math.cos(theta0)
+        raise ValueError(f"scale.theta0 must lie in (0, pi/2) radians, got {theta0}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"scale.criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+
+
+def _target_derivatives(target_logit: Callable, theta0: float) -> tuple[float, float, float]:
+    """f, df/dtheta, d2f/dtheta2 at theta0 (autograd in float64), f = target_logit(cos theta)."""
+    theta = torch.tensor([theta0], dtype=torch.float64, requires_grad=True)
+    f = target_logit(torch.cos(theta))
+    (df,) = torch.autograd.grad(f.sum(), theta, create_graph=True)
+    (d2f,) = torch.autograd.grad(df.sum(), theta)
+    return f.item(), df.item(), d2f.item()
+
+
+def auto_scale(
+    num_classes: int,
+    theta0: float = math.pi / 4,
+    criterion: str = "half",
+    target_logit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> float:
+    """The s at which P(theta) = sigmoid(s f(theta) - ln(C - 1)) is steepest at theta0.
+
+    target_logit: the margin's f as a function of cos theta (None: f = cos theta, no margin).
+    criterion "half": P(theta0) = 1/2, i.e. s = ln(C - 1) / f(theta0) -- the inflection of P
+    as a function of the logit f. No margin and theta0 = pi/4 give the fixed-AdaCos scale
+    sqrt(2) ln(C - 1) (13.104 for C = 10,575); CosFace gives ln(C - 1) / (cos theta0 - m).
+    criterion "inflection": the root of d2P/dtheta2 at theta0, the steepest point in the
+    angle itself. d2P/dtheta2 = s P (1 - P) [f'' + s f'^2 (1 - 2P)], so where f'' < 0 this s
+    is a little smaller than the "half" one (12.79 vs 13.10 for no margin, C = 10,575).
+    """
+    _check_scale_args(num_classes, theta0, criterion)
+    log_others = math.log(num_classes - 1)
+    f, df, d2f = _target_derivatives(target_logit or (lambda cos: cos), theta0)
+    if f <= 0:
+        raise ValueError(
+            f"the margin's target logit is f = {f:.4f} <= 0 at theta0 = {math.degrees(theta0):.1f} deg, "
+            "so P(target) < 1/C there for every s; choose a smaller theta0 or margin"
+        )
+    s_half = log_others / f
+    if criterion == "half":
+        return s_half
+
+    def curvature(s: torch.Tensor) -> torch.Tensor:  # the sign of d2P/dtheta2 at theta0
+        return d2f + s * df**2 * (1 - 2 * torch.sigmoid(s * f - log_others))
+
+    # Scan (0, 4 s_half] for sign changes and bisect the last one. The last root is the steep
+    # middle of the sigmoid; a smaller one (P ~ 1/C) is the inflection of its exponential tail.
+    grid = torch.linspace(0, 4 * s_half, 4097, dtype=torch.float64)[1:]
+    sign = curvature(grid) > 0
+    crossings = (sign[:-1] & ~sign[1:]).nonzero()
+    if len(crossings) == 0:
+        raise ValueError(
+            f"P(theta) has no inflection at theta0 = {math.degrees(theta0):.1f} deg for this margin; "
+            "use scale.criterion=half"
+        )
+    low, high = grid[crossings[-1, 0]], grid[crossings[-1, 0] + 1]
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if curvature(middle) > 0 else (low, middle)
+    return float((low + high) / 2)
 
 
 class AutoScale(ScalePolicy):
-    """s = ln(C - 1) / cos(theta0), C taken from the head it is bound to."""
+    """s = ln(C - 1) / cos(theta0) (criterion "half"), C from the head; the margin is ignored."""
+
+    margin_aware = False
+
+    def __init__(self, theta0: float = math.pi / 4, criterion: str = "half", num_classes: int | None = None):
+        super().__init__()
+        self.theta0 = float(theta0)
+        self.criterion = criterion
+        self.num_classes = num_classes
+        _check_scale_args(num_classes, self.theta0, criterion)  # fail at build time, not at bind
+        self._value: float | None = None
+
+    def bind(self, head: nn.Module) -> None:
+        super().bind(head)
+        target_logit = head.target_logit if self.margin_aware else None
+        self._value = auto_scale(self.num_classes, self.theta0, self.criterion, target_logit)
+
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a head yet (num_classes unknown)")
+        return self._value
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, theta0={math.degrees(self.theta0):.1f} deg, criterion={self.criterion}"
+
+
+class AutoMarginScale(AutoScale):
+    """Margin-aware auto scale: P(theta) with the margin's own target logit f is steepest at theta0.
+
+    Criterion "half": s = ln(C - 1) / f(theta0): CosFace ln(C - 1) / (cos theta0 - m) (25.95
+    for C = 10,575, m = 0.35), ArcFace ln(C - 1) / cos(theta0 + m). "inflection": computed
+    numerically from f's derivatives (see `auto_scale`).
+    """
+
+    margin_aware = True
+
+
+def gather_batch(values: torch.Tensor) -> torch.Tensor:
+    """(B, k) per-sample values concatenated over all ranks (batch sizes may differ); as is without DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    # imported here: importing torchmetrics takes seconds, and only distributed runs need it
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(values))
+
+
+class DynamicScale(ScalePolicy):
+    """Dynamic AdaCos (Zhang et al. 2019): s_t = ln(B_avg) / cos(min(theta0, theta_med)).
+
+    B_avg is the batch mean of sum_{j != y_i} exp(s_{t-1} cos theta_ij) (the non-target
+    part of the softmax denominator at the previous s), theta_med the median target angle.
+    Both are taken over the global batch under DDP, so every rank uses the same s. s starts
+    at the auto value sqrt(2) ln(C - 1) (theta0 = pi/4) and is a buffer, so checkpoints keep it.
+    `value` is the s used by the last forward pass.
+
+    The reductions are split so that a class-sharded head (Partial FC) can make them global:
+    `nontarget_log_sums` covers the classes a rank holds (combine the shards' values with a
+    log-sum-exp all-reduce), `update` applies the rule to statistics of the whole batch.
+    `forward` is the data-parallel path: every rank holds all classes and a slice of the batch.
+    """
 
     def __init__(self, theta0: float = math.pi / 4, num_classes: int | None = None):
         super().__init__()
         self.theta0 = float(theta0)
         self.num_classes = num_classes
-        if num_classes is not None:
-            auto_scale(num_classes, self.theta0)  # validate early
+        _check_scale_args(num_classes, self.theta0)
+        self.register_buffer("s", torch.tensor(math.nan))
+
+    def bind(self, head: nn.Module) -> None:
+        super().bind(head)
+        self.s.fill_(auto_scale(self.num_classes, self.theta0))
 
     @property
     def value(self) -> float:
         if self.num_classes is None:
-            raise RuntimeError("AutoScale is not bound to a head yet (num_classes unknown)")
-        return auto_scale(self.num_classes, self.theta0)
+            raise RuntimeError("DynamicScale is not bound to a head yet (num_classes unknown)")
+        return float(self.s)
+
+    def forward(self, cosine: torch.Tensor, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_sample = torch.stack([self.nontarget_log_sums(cosine, labels), target_cosine.detach().float()], dim=1)
+        whole_batch = gather_batch(per_sample)
+        return self.update(whole_batch[:, 0], whole_batch[:, 1])
+
+    @torch.no_grad()
+    def nontarget_log_sums(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) ln sum_{j != y_i} exp(s cos theta_ij) over the columns of `cosine`, at the current s.
+
+        A log-sum-exp in float32, so no overflow at any s. It runs over blocks of rows holding
+        ~2^17 cosines: their temporaries stay in cache, where one (B, C) temporary made it ~2x slower.
+        """
+        rows = max(1, 2**17 // cosine.shape[1])
+        sums = []
+        for cos, y in zip(cosine.detach().split(rows), labels.split(rows)):
+            logits = cos.float() * self.s
+            logits.scatter_(1, y.view(-1, 1), -math.inf)
+            sums.append(torch.logsumexp(logits, dim=1))
+        return torch.cat(sums)
+
+    @torch.no_grad()
+    def update(self, log_sums: torch.Tensor, target_cosine: torch.Tensor) -> torch.Tensor:
+        """Set and return s_t from the whole batch's per-sample log sums and target cosines."""
+        log_b_avg = torch.logsumexp(log_sums.float(), dim=0) - math.log(log_sums.numel())
+        theta_med = angle(target_cosine.float()).median()
+        s = log_b_avg / torch.cos(theta_med.clamp(max=self.theta0))
+        # ln(B_avg) <= 0 only if the other classes sit far beyond 90 degrees (a handful of
+        # classes): the rule has no positive s then, so the last one is kept.
+        s = torch.where(s > 0, s, self.s)
+        self.s.copy_(s)
+        return s
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, theta0={math.degrees(self.theta0):.1f} deg"

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from facerec.heads.angles import COS_EPS, angle
+
 
 @torch.no_grad()
 def angular_statistics(
@@ -28,15 +30,14 @@ def angular_statistics(
     logits = logits.detach().float()
     labels = labels.view(-1, 1).long()
     batch, num_classes = logits.shape
-    eps = 1e-7
-    theta_target = torch.rad2deg(torch.acos(target_cosine.detach().float().clamp(-1 + eps, 1 - eps)))
+    theta_target = torch.rad2deg(angle(target_cosine.detach().float()))
     log_p = logits.gather(1, labels).squeeze(1) - torch.logsumexp(logits, dim=1)
     # Non-target entries of logits / s are plain cosines; mask the target column out.
     cos = logits / scale
     cos.scatter_(1, labels, -math.inf)
     nearest_other = cos.max(dim=1).values
     cos.scatter_(1, labels, 0.0)  # acos(0) = 90 deg, subtracted below
-    angle_sum = torch.acos(cos.clamp_(-1 + eps, 1 - eps)).sum(dim=1) - math.pi / 2
+    angle_sum = cos.clamp_(-1 + COS_EPS, 1 - COS_EPS).acos_().sum(dim=1) - math.pi / 2  # in place: no 2nd (B, C)
     theta_nontarget = torch.rad2deg(angle_sum.sum() / (batch * (num_classes - 1)))
     return {
         "theta_med": theta_target.median(),
