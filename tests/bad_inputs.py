@@ -1,0 +1,315 @@
+"""The catalogue of bad inputs: each case builds one broken file or config in a temporary folder and
+feeds it to the real code. `test_bad_inputs.py` checks what each one does; scripts/reliability_table.py
+writes the table in docs/reliability.md from the same cases (a test keeps the two in step).
+
+A case returns None when the input must raise (the outcome is the exception), or a string saying
+what was skipped and counted when the input is tolerated by design.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_helpers import write_jpeg_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class BadInput:
+    category: str
+    description: str
+    run: Callable[[Path], str | None]
+    error: type[BaseException] | None  # None: tolerated (skipped and counted, never silent)
+    match: str  # a regex the message (or the skip report) must contain
+
+
+CASES: list[BadInput] = []
+
+
+def case(category: str, description: str, error: type[BaseException] | None, match: str):
+    def register(run: Callable[[Path], str | None]) -> Callable[[Path], str | None]:
+        CASES.append(BadInput(category, description, run, error, match))
+        return run
+
+    return register
+
+
+class _WritesAFile:
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def _rec_folder(tmp: Path, identities: int = 3) -> Path:
+    from facerec.data.convert import folder_to_rec
+
+    folder_to_rec(write_jpeg_folder(tmp / "faces", identities=identities, per_identity=4), tmp / "rec")
+    return tmp / "rec"
+
+
+def _hydra(tmp: Path, *overrides: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    noise = ("HYDRA_FULL_ERROR", "Config search path", "provider=")
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip() and not any(n in line for n in noise)]
+    raise RuntimeError(" ".join(lines))
+
+
+def _compose(tmp: Path, *overrides: str):
+    from conftest import compose_config
+
+    return compose_config(["experiment=smoke", *overrides], tmp)
+
+
+# ------------------------------------------------------------------ training data
+@case("training data", "corrupt JPEG record in train.rec, strict=true", ValueError, r"train\.rec record 6: corrupt JPEG")
+def corrupt_record_strict(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    dataset = RecordDataset(rec, num_classes=3, flip=False)
+    offset = dataset.reader.offsets[dataset.reader.row(6)]
+    raw = bytearray((rec / "train.rec").read_bytes())
+    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)
+    (rec / "train.rec").write_bytes(bytes(raw))
+    RecordDataset(rec, num_classes=3, strict=True)[5]
+
+
+@case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"skipped 1 .*record 6: corrupt JPEG")
+def corrupt_record_skipped(tmp: Path) -> str:
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    dataset = RecordDataset(rec, num_classes=3, flip=False)
+    offset = dataset.reader.offsets[dataset.reader.row(6)]
+    raw = bytearray((rec / "train.rec").read_bytes())
+    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)
+    (rec / "train.rec").write_bytes(bytes(raw))
+    dataset = RecordDataset(rec, num_classes=3, flip=False)
+    messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
+    return f"skipped {dataset.skipped} (dropped from its batch, counted, logged: {messages[0]})"
+
+
+@case("training data", "train.rec truncated", ValueError, r"truncated")
+def truncated_rec(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    data = (rec / "train.rec").read_bytes()
+    (rec / "train.rec").write_bytes(data[: len(data) - 100])
+    RecordDataset(rec, num_classes=3)
+
+
+@case("training data", "train.idx from another file (offsets shifted)", ValueError, r"does not match")
+def index_mismatch(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    rows = [line.split("\t") for line in (rec / "train.idx").read_text().splitlines()]
+    (rec / "train.idx").write_text("".join(f"{k}\t{int(o) + 4}\n" for k, o in rows))
+    RecordDataset(rec, num_classes=3)
+
+
+@case("training data", "`property` file missing", FileNotFoundError, r"property")
+def missing_property(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    (rec / "property").unlink()
+    RecordDataset(rec, num_classes=3)
+
+
+@case("training data", "`property` states another class count than dataset.num_classes", ValueError, r"states 3 classes but dataset\.num_classes=4")
+def property_mismatch(tmp: Path):
+    from facerec.data import RecordDataset
+
+    RecordDataset(_rec_folder(tmp), num_classes=4)
+
+
+@case("training data", "a label >= num_classes in the records", ValueError, r"has label 2, outside \[0, 2\)")
+def label_out_of_range(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    (rec / "property").write_text("2,112,112")
+    dataset = RecordDataset(rec, num_classes=2)
+    for index in range(len(dataset)):
+        dataset[index]
+
+
+@case("training data", "an empty identity folder and non-image files", None, r"skipped 1 files without an image suffix.*skipped 1 identity folders without images")
+def empty_identity(tmp: Path) -> str:
+    from facerec.data import ImageFolderDataset
+
+    root = write_jpeg_folder(tmp / "faces", identities=2, per_identity=2)
+    (root / "id_empty").mkdir()
+    (root / "id00" / "notes.txt").write_text("not an image")
+    messages = _captured_warnings(lambda: ImageFolderDataset(root))
+    return "skipped, counted and logged: " + " | ".join(messages)
+
+
+@case("training data", "dataset.num_classes differs from the identities in the data", Exception, r"dataset\.num_classes=21 but the training data has 20 identities")
+def num_classes_vs_data(tmp: Path):
+    from hydra.utils import instantiate
+
+    cfg = _compose(tmp, "dataset.num_classes=21", "dataset.train.num_classes=20")
+    instantiate(cfg.dataset)
+
+
+# ------------------------------------------------------------ verification data
+@case("verification data", ".bin whose issame count is not half the image count", ValueError, r"3 images for 2 pairs; a \.bin holds two images per pair")
+def bin_pair_count(tmp: Path):
+    from facerec.data import read_bin, write_bin
+
+    write_bin(tmp / "x.bin", [b"a", b"b", b"c"], [True, False])
+    read_bin(tmp / "x.bin")
+
+
+@case("verification data", "malicious .bin (a pickle that would create a file)", pickle.UnpicklingError, r"refusing to load")
+def malicious_bin(tmp: Path):
+    from facerec.data import read_bin
+
+    with open(tmp / "evil.bin", "wb") as f:
+        pickle.dump(([_WritesAFile(tmp / "pwned")], [True]), f)
+    try:
+        read_bin(tmp / "evil.bin")
+    finally:
+        assert not (tmp / "pwned").exists()
+
+
+@case("verification data", "LFW pairs line naming a missing image (Betsy_Coffin_0001), missing=error", FileNotFoundError, r"image not found")
+def lfw_missing_image(tmp: Path):
+    from facerec.data import LfwPairs
+
+    root = tmp / "lfw"
+    (root / "Ann").mkdir(parents=True)
+    for number in (1, 2):
+        (root / "Ann" / f"Ann_000{number}.jpg").write_bytes(b"")
+    (tmp / "pairs.txt").write_text("1\t1\nAnn\t1\t2\nAnn\t1\tCarl\t1\n")
+    LfwPairs(root, tmp / "pairs.txt", missing="error")
+
+
+@case("verification data", "NaN embeddings given to verify()", ValueError, r"non-finite")
+def nan_embeddings(tmp: Path):
+    from facerec.evaluation import verify
+
+    emb = np.ones((20, 4))
+    emb[3, 1] = np.nan
+    verify(emb, np.ones((20, 4)), np.arange(20) % 2 == 0)
+
+
+# ---------------------------------------------------------------------- config
+@case("config", "an unknown group option: head=nope", RuntimeError, r"Could not find 'head/nope'")
+def unknown_option(tmp: Path):
+    _hydra(tmp, "head=nope")
+
+
+@case("config", "a key that does not exist: scale.nope=1", RuntimeError, r"Could not override 'scale\.nope'")
+def unknown_key(tmp: Path):
+    _hydra(tmp, "scale.nope=1")
+
+
+@case("config", "head.embedding_size differs from the backbone's", ValueError, r"embeddings of shape \(128,\) but the head expects \(64,\)")
+def embedding_size(tmp: Path):
+    from hydra.utils import instantiate
+
+    from facerec.checks import check_data_and_model
+    from facerec.training import build_module
+
+    cfg = _compose(tmp, "head.embedding_size=64")
+    check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
+
+
+@case("config", "the model's input size differs from the data's image size", ValueError, r"takes \(B, 3, 64, 64\) images, got \(2, 3, 32, 32\)")
+def image_size(tmp: Path):
+    from hydra.utils import instantiate
+
+    from facerec.checks import check_data_and_model
+    from facerec.training import build_module
+
+    cfg = _compose(tmp, "model.input_size=64")
+    check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
+
+
+@case("config", "a margin value for a head without margin: head=normface +head.m=0.3", Exception, r"NormFace has no margin parameters")
+def margin_on_normface(tmp: Path):
+    from facerec.training import build_module
+
+    build_module(_compose(tmp, "head=normface", "+head.m=0.3"))
+
+
+# ----------------------------------------------------------------- checkpoints
+@case("checkpoints", "malicious .ckpt (a pickle that would create a file)", ValueError, r"weights-only")
+def malicious_ckpt(tmp: Path):
+    from facerec.checkpoints import load_checkpoint
+
+    torch.save({"state_dict": {}, "x": _WritesAFile(tmp / "pwned")}, tmp / "evil.ckpt")
+    try:
+        load_checkpoint(tmp / "evil.ckpt")
+    finally:
+        assert not (tmp / "pwned").exists()
+
+
+@case("checkpoints", "a checkpoint not written by train.py", ValueError, r"holds no facerec run config")
+def foreign_ckpt(tmp: Path):
+    from facerec.checkpoints import load_backbone
+
+    torch.save({"state_dict": {}}, tmp / "other.ckpt")
+    load_backbone(tmp / "other.ckpt")
+
+
+@case("checkpoints", "resuming a checkpoint into another class count", ValueError, r"dataset\.num_classes: checkpoint 20, config 19")
+def resume_other_classes(tmp: Path):
+    from omegaconf import OmegaConf
+
+    from facerec.training import check_resume_compatible
+
+    saved = OmegaConf.to_container(_compose(tmp), resolve=True)
+    check_resume_compatible(_compose(tmp, "dataset.num_classes=19"), {"facerec_config": saved}, tmp / "last.ckpt")
+
+
+@case("checkpoints", "ckpt_path pointing at no file", FileNotFoundError, r"ckpt_path=.*no such checkpoint file")
+def missing_ckpt(tmp: Path):
+    from facerec.training import resolve_ckpt_path
+
+    resolve_ckpt_path(_compose(tmp, f"ckpt_path={tmp / 'nope.ckpt'}"))
+
+
+def _captured_warnings(action: Callable[[], object]) -> list[str]:
+    """Run `action` and return the warnings it logged (the skip reports)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        action()
+    finally:
+        root.removeHandler(handler)
+    return [record.getMessage() for record in records]
+
+
+def outcome(bad: BadInput, tmp: Path) -> str:
+    """What the code does with the bad input: one line, the temporary folder written <tmp>, at most
+    300 characters (the rest of a long message is cut at a word)."""
+    try:
+        report = bad.run(tmp)
+    except BaseException as error:  # noqa: BLE001 - the outcome under test
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = report if report is not None else "no error"
+    text = " ".join(text.replace(str(tmp), "<tmp>").split())
+    return text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " …"
