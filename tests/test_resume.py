@@ -41,3 +41,29 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(scale, tmp_path):
     assert final_resumed["wandb_run_id"] == first["wandb_run_id"]  # the same W&B run continues
     # the resumed run kept the original config and saved its own next to it
     assert (resumed / ".hydra" / "config.yaml").exists() and list((resumed / ".hydra").glob("resumed_*/config.yaml"))
+
+
+def test_flips_follow_the_sample_key_in_any_process(tmp_path):
+    import pickle
+
+    from data_helpers import write_jpeg_folder
+    from facerec.data import FaceDataModule, ImageFolderDataset
+    from facerec.data.sampling import ResumableSampler, SampleKey
+
+    dataset = ImageFolderDataset(write_jpeg_folder(tmp_path, identities=2, per_identity=4))
+    sampler = ResumableSampler(dataset, seed=3)
+    sampler.set_epoch(1)
+    keys = list(sampler)
+    assert sorted(keys) == list(range(8)) and all(isinstance(k, SampleKey) for k in keys)
+    copied = pickle.loads(pickle.dumps(keys))  # as DataLoader workers receive them
+    assert all(torch.equal(dataset[a][0], dataset[b][0]) for a, b in zip(keys, copied))
+    plain = ImageFolderDataset(tmp_path, flip=False)
+    mirrored = [torch.equal(dataset[k][0], plain[k][0].flip(-1)) for k in keys]
+    assert 0 < sum(mirrored) < 8  # the key decides: some flipped, some not
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        loader = FaceDataModule(2, dataset, batch_size=4, num_workers=workers, seed=3).train_dataloader()
+        loader.sampler.set_epoch(1)
+        return [images for images, _ in loader]
+
+    assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2)))

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import random
 
 import torch
 from torch.utils.data import Dataset
 
 from facerec.data.decode import DecodeError, decode_image, normalise
+from facerec.data.sampling import augment_random
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ class EncodedImages(Dataset):
     where `source` names the image in messages (a file, a record).
 
     `dataset[i]` is `(image (3, size, size) float32 in [-1, 1], label)`, mirrored
-    left-right with probability 1/2 when `flip`. An image that does not decode is
+    left-right with probability 1/2 when `flip` (drawn from the index's augmentation seed when
+    it is a SampleKey, so flips are reproducible across workers, ranks and resumes). An image that does not decode is
     skipped: `dataset[i]` is None, the skip is logged with its source and counted
     in `skipped` (per process: each DataLoader worker counts its own), and
     FaceDataModule's collate drops it from the batch. With `strict=True` it raises
@@ -46,5 +47,4 @@ class EncodedImages(Dataset):
             self.skipped += 1
             log.warning("skipped %s: %s (%d skipped in this process; strict=true raises instead)", source, error, self.skipped)
             return None
-        # `random` is seeded per DataLoader worker by Lightning's seed_everything(workers=True).
-        return normalise(image, flip=self.flip and random.random() < 0.5), label
+        return normalise(image, flip=self.flip and augment_random(index) < 0.5), label

@@ -12,6 +12,7 @@ restored before the first batch is drawn.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -20,8 +21,35 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 log = logging.getLogger(__name__)
 
 
+class SampleKey(int):
+    """A dataset index (it is an int) that also carries the seed of that sample's random augmentation.
+
+    The seed is a function of (run seed, epoch, index) alone, so a flip drawn from it is the same
+    in any worker, on any rank and after a resume; datasets that augment read `augment_seed`,
+    others just use the index.
+    """
+
+    augment_seed: int
+
+    def __new__(cls, index: int, augment_seed: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.augment_seed = augment_seed
+        return key
+
+    def __reduce__(self):  # to DataLoader workers
+        return SampleKey, (int(self), self.augment_seed)
+
+
+def augment_random(key: int) -> float:
+    """A uniform draw in [0, 1) for one sample's augmentation: from its SampleKey's seed, else from
+    the process's `random` (seeded per DataLoader worker by Lightning's seed_everything(workers=True))."""
+    seed = getattr(key, "augment_seed", None)
+    return random.Random(seed).random() if seed is not None else random.random()
+
+
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (seed + epoch permutation, rank shards) that can skip `skip` samples once."""
+    """DistributedSampler (seed + epoch permutation, rank shards) that can skip `skip` samples once
+    and yields SampleKeys."""
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
         distributed = dist.is_available() and dist.is_initialized()
@@ -38,7 +66,8 @@ class ResumableSampler(DistributedSampler):
     def __iter__(self):
         indices = list(super().__iter__())[self.skip :]
         self.skip = 0  # only the resumed epoch starts part-way
-        return iter(indices)
+        base = (self.seed * 1_000_003 + self.epoch) << 40
+        return iter([SampleKey(index, base + index) for index in indices])
 
 
 class ResumableLoader(DataLoader):
