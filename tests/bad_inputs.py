@@ -43,7 +43,9 @@ def case(category: str, description: str, error: type[BaseException] | None, mat
     return register
 
 
-class _WritesAFile:
+class WritesAFile:
+    """Unpickling this would create `target` (a stand-in for any code a crafted pickle runs)."""
+
     def __init__(self, target: Path):
         self.target = target
 
@@ -56,6 +58,26 @@ def _rec_folder(tmp: Path, identities: int = 3) -> Path:
 
     folder_to_rec(write_jpeg_folder(tmp / "faces", identities=identities, per_identity=4), tmp / "rec")
     return tmp / "rec"
+
+
+def _rec_folder_with_corrupt_record_6(tmp: Path) -> Path:
+    """A converter-written training set whose image record 6 has its JPEG data zeroed in place."""
+    from facerec.data import RecordDataset
+
+    rec = _rec_folder(tmp)
+    reader = RecordDataset(rec, num_classes=3).reader
+    offset = reader.offsets[reader.row(6)]
+    raw = bytearray((rec / "train.rec").read_bytes())
+    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)  # past framing and image header
+    (rec / "train.rec").write_bytes(bytes(raw))
+    return rec
+
+
+def _refused_without_running(load: Callable[[Path], object], path: Path, marker: Path) -> None:
+    try:
+        load(path)
+    finally:
+        assert not marker.exists(), f"loading {path} ran code"
 
 
 def _hydra(tmp: Path, *overrides: str) -> None:
@@ -79,26 +101,14 @@ def _compose(tmp: Path, *overrides: str):
 def corrupt_record_strict(tmp: Path):
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
-    dataset = RecordDataset(rec, num_classes=3, flip=False)
-    offset = dataset.reader.offsets[dataset.reader.row(6)]
-    raw = bytearray((rec / "train.rec").read_bytes())
-    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)
-    (rec / "train.rec").write_bytes(bytes(raw))
-    RecordDataset(rec, num_classes=3, strict=True)[5]
+    RecordDataset(_rec_folder_with_corrupt_record_6(tmp), num_classes=3, strict=True)[5]
 
 
 @case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"skipped 1 .*record 6: corrupt JPEG")
 def corrupt_record_skipped(tmp: Path) -> str:
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
-    dataset = RecordDataset(rec, num_classes=3, flip=False)
-    offset = dataset.reader.offsets[dataset.reader.row(6)]
-    raw = bytearray((rec / "train.rec").read_bytes())
-    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)
-    (rec / "train.rec").write_bytes(bytes(raw))
-    dataset = RecordDataset(rec, num_classes=3, flip=False)
+    dataset = RecordDataset(_rec_folder_with_corrupt_record_6(tmp), num_classes=3, flip=False)
     messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
     return f"skipped {dataset.skipped} (dropped from its batch, counted, logged: {messages[0]})"
 
@@ -183,11 +193,8 @@ def malicious_bin(tmp: Path):
     from facerec.data import read_bin
 
     with open(tmp / "evil.bin", "wb") as f:
-        pickle.dump(([_WritesAFile(tmp / "pwned")], [True]), f)
-    try:
-        read_bin(tmp / "evil.bin")
-    finally:
-        assert not (tmp / "pwned").exists()
+        pickle.dump(([WritesAFile(tmp / "pwned")], [True]), f)
+    _refused_without_running(read_bin, tmp / "evil.bin", tmp / "pwned")
 
 
 @case("verification data", "LFW pairs line naming a missing image (Betsy_Coffin_0001), missing=error", FileNotFoundError, r"image not found")
@@ -256,11 +263,8 @@ def margin_on_normface(tmp: Path):
 def malicious_ckpt(tmp: Path):
     from facerec.checkpoints import load_checkpoint
 
-    torch.save({"state_dict": {}, "x": _WritesAFile(tmp / "pwned")}, tmp / "evil.ckpt")
-    try:
-        load_checkpoint(tmp / "evil.ckpt")
-    finally:
-        assert not (tmp / "pwned").exists()
+    torch.save({"state_dict": {}, "x": WritesAFile(tmp / "pwned")}, tmp / "evil.ckpt")
+    _refused_without_running(load_checkpoint, tmp / "evil.ckpt", tmp / "pwned")
 
 
 @case("checkpoints", "a checkpoint not written by train.py", ValueError, r"holds no facerec run config")

@@ -7,23 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from bad_inputs import WritesAFile
 from conftest import REPO_ROOT, TINY_RUN, run_script
 from facerec.checkpoints import AtomicCheckpointIO, load_checkpoint
-
-
-class CreatesAFile:
-    """Unpickling this would run os.system and create `target`."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.target}",))
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -73,7 +63,7 @@ def test_an_exception_during_a_save_keeps_the_previous_checkpoint(tmp_path):
 def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": CreatesAFile(marker)}, ckpt)
+    torch.save({"state_dict": {}, "payload": WritesAFile(marker)}, ckpt)
     with pytest.raises(ValueError, match="weights-only"):
         load_checkpoint(ckpt)
     result = subprocess.run(
