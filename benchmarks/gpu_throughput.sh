@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md, on one CUDA GPU (about 8 minutes on an H100, most of it compiling):
+# The GPU figures of docs/benchmarks.md, on one CUDA GPU (estimated 8-10 minutes on an H100, mostly compiling):
 #   benchmarks/gpu_throughput.sh [OUT_DIR]        (default: benchmarks/results)
 # Needs facerec and its dependencies installed beside a CUDA build of torch; PYTHON names the interpreter
 # (default python3). Writes OUT_DIR/*.txt (the printed tables) and OUT_DIR/train_throughput.jsonl (one JSON

@@ -10,14 +10,16 @@ the overrides, composed as train.py composes them; --models/--classes/--batch-si
 sweep over model=, dataset.num_classes=, dataset.batch_size= and compile.*) on the same synthetic
 batches held in device memory, with the configured precision, optimizer, LR schedule, compile and
 cudnn settings. Warm-up steps (compilation, autotuning) are not timed; the paths take turns round
-by round and each one's best round counts.
+by round, each round starting with the next path, and each path's best round counts.
 
-  raw          forward, cross-entropy, backward, optimizer and scheduler step, zero_grad;
-               loss.item() every --log-every steps (what a hand-written loop logs)
-  raw+guard    raw plus the module's non-finite guard: gradient norms and one host sync per step
-  lightning    the module under the configured Trainer and callbacks (checkpoints left out) with a
-               CSV logger, logging its diagnostics every --log-every steps
-  lightning/1  the same, logging every step (the cost of per-step diagnostics)
+  raw             forward, cross-entropy, backward, optimizer and scheduler step, zero_grad;
+                  loss.item() every --log-every steps (what a hand-written loop logs)
+  raw+guard       raw plus the module's non-finite guard: gradient norms and one host sync per step
+  lightning/bare  backbone, head, loss, optimizer and schedule in a minimal LightningModule under
+                  the Trainer below: what Lightning itself costs
+  lightning       FaceRecognitionModule under the configured Trainer and callbacks (checkpoints
+                  left out) with a CSV logger, logging its diagnostics every --log-every steps
+  lightning/1     the same, logging every step (the cost of per-step diagnostics)
 
 Per configuration: images/s, the ratio to raw (target: lightning >= 0.95), peak memory (CUDA
 allocator), FLOPs per image (torch.utils.flop_counter, forward + backward) and the model FLOP
@@ -57,7 +59,7 @@ from facerec.data.convert import folder_to_rec
 from facerec.module import total_grad_norm
 from facerec.training import build_module, compile_model, configure_torch
 
-PATHS = ("raw", "raw+guard", "lightning", "lightning/1")
+PATHS = ("raw", "raw+guard", "lightning/bare", "lightning", "lightning/1")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched in order against the device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
@@ -103,6 +105,26 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == self.last:
             self.clock.stop()
+
+
+class BareModule(L.LightningModule):
+    """`module`'s backbone, head, loss, optimizer and LR schedule, and nothing else (no logging, no guard)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.backbone, self.head = module.backbone, module.head
+        self.optimizer_factory, self.scheduler_factory = module.optimizer_factory, module.scheduler_factory
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return F.cross_entropy(self.head(self.backbone(images), labels), labels)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def autocast(precision: str, device: torch.device):
@@ -159,7 +181,7 @@ def lightning_fit(module, cfg, batches, clock: Clock, warmup: int, steps: int, l
     trainer = instantiate(
         cfg.trainer,
         accelerator=device.type,
-        devices=1,
+        devices=[device.index or 0] if device.type == "cuda" else 1,
         max_epochs=1,
         max_steps=warmup + steps,
         log_every_n_steps=log_every,
@@ -253,6 +275,7 @@ def measure(cfg, args, device: torch.device, workdir: Path) -> dict:
     L.seed_everything(cfg.seed, verbose=False)
     module = build_module(cfg)
     compile_model(module, cfg.compile)
+    bare = BareModule(module)
     batch_size, size, classes = int(cfg.dataset.batch_size), module.backbone.input_size, module.head.num_classes
     batches = [
         (torch.rand(batch_size, 3, size, size, device=device) * 2 - 1, torch.randint(classes, (batch_size,), device=device))
@@ -260,15 +283,17 @@ def measure(cfg, args, device: torch.device, workdir: Path) -> dict:
     ]
     best = {path: {"images_per_s": 0.0, "peak_bytes": None} for path in PATHS}
     # One-time costs of a first fit (the logger's files, first calls of the diagnostics) stay out of the rounds.
-    lightning_fit(module, cfg, batches, Clock(device), 0, 2, 1, workdir / "lightning_logs")
-    for _ in range(args.rounds):
-        for path in PATHS:
+    for trained in (bare, module):
+        lightning_fit(trained, cfg, batches, Clock(device), 0, 2, 1, workdir / "lightning_logs")
+    for round_ in range(args.rounds):
+        for path in PATHS[round_ % len(PATHS):] + PATHS[: round_ % len(PATHS)]:  # each round starts elsewhere
             clock = Clock(device)
             if path.startswith("raw"):
                 raw_loop(module, cfg, batches, clock, args.warmup, args.steps, args.log_every, guard=path == "raw+guard")
             else:
                 every = 1 if path == "lightning/1" else args.log_every
-                lightning_fit(module, cfg, batches, clock, args.warmup, args.steps, every, workdir / "lightning_logs")
+                trained = bare if path == "lightning/bare" else module
+                lightning_fit(trained, cfg, batches, clock, args.warmup, args.steps, every, workdir / "lightning_logs")
             rate = batch_size * args.steps / clock.seconds
             if rate > best[path]["images_per_s"]:
                 best[path] = {"images_per_s": rate, "peak_bytes": clock.peak_bytes}
@@ -398,13 +423,13 @@ def benchmark_config(cfg, args, device: torch.device, workdir: Path) -> dict:
     head = head_cost(cfg, int(cfg.dataset.batch_size), device)
     print(f"\n{describe(cfg)}\n  FLOPs per image (forward + backward): {flops / 1e9:.3f} G; "
           f"peak {'n/a (give --peak-tflops)' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
-    print(f"  {'path':12s} {'images/s':>10s} {'x raw':>7s} {'peak MiB':>9s} {'MFU':>7s}")
+    print(f"  {'path':15s} {'images/s':>10s} {'x raw':>7s} {'peak MiB':>9s} {'MFU':>7s}")
     for path, figures in paths.items():
         rate, memory = figures["images_per_s"], figures["peak_bytes"]
         figures["mfu"] = rate * flops / peak if peak else None
         mib = "n/a" if memory is None else f"{memory / 2**20:.0f}"
         mfu = "n/a" if peak is None else f"{100 * figures['mfu']:.1f}%"
-        print(f"  {path:12s} {rate:10.1f} {rate / paths['raw']['images_per_s']:7.3f} {mib:>9s} {mfu:>7s}")
+        print(f"  {path:15s} {rate:10.1f} {rate / paths['raw']['images_per_s']:7.3f} {mib:>9s} {mfu:>7s}")
     print(f"  logits + cross-entropy, forward + backward, float32 (one (B, C) tensor: {head['logits_bytes'] / 2**20:.1f} MiB, "
           f"the (C, d) weight: {head['weight_bytes'] / 2**20:.1f} MiB):")
     for name, figures in head["layers"].items():

@@ -36,7 +36,7 @@ def test_throughput_benchmark_runs_in_a_tiny_configuration(tmp_path):
         "--compile", "off", "all", "--steps", "2", "--log-every", "2", "--warmup", "1", "--rounds", "1",
         "--data-source", "synthetic", "--data-images", "64", "--data-batches", "2", "--out", str(out),
     ])
-    for line in ["raw+guard", "lightning/1", "FLOPs per image", "compile=backbone+head", "data path:", "worker(s) at", "summary"]:
+    for line in ["raw+guard", "lightning/bare", "lightning/1", "FLOPs per image", "compile=backbone+head", "data path:", "worker(s) at", "summary"]:
         assert line in result.stdout, result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     configs, data = rows[:-1], rows[-1]["data_path"]
