@@ -24,9 +24,10 @@ by round, each round starting with the next path, and each path's best round cou
 Per configuration: images/s, the ratio to raw (target: lightning >= 0.95), peak memory (CUDA
 allocator), FLOPs per image (torch.utils.flop_counter, forward + backward) and the model FLOP
 utilisation against the device's peak (--peak-tflops, or a datasheet figure for recent NVIDIA
-GPUs under bf16/fp16); the head's peak memory against nn.Linear + cross-entropy. Then the data
-path: RecordIO + decode + flip + normalise through FaceDataModule's loader, images/s per worker,
-and the workers the fastest training path needs.
+GPUs under bf16/fp16); the head's time and peak memory against nn.Linear and the bare cosine
+layer (logits + cross-entropy, forward + backward). Then the data path: RecordIO + decode + flip
++ normalise through FaceDataModule's loader, images/s per worker, and the workers the fastest
+training path needs.
 """
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def peak_bytes(fn, device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    # CPU: replay the profiler's allocation events (signed sizes, in time order).
+    # CPU: replay the profiler's allocation events (signed sizes, in time order); kineto_results is the
+    # event list torch.profiler's own memory timeline reads.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
