@@ -1,13 +1,17 @@
-"""Hydra glue: custom resolvers and instantiation of config groups holding several objects."""
+"""Hydra glue: custom resolvers, instantiation of config groups holding several objects, composing the configs."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_group() -> str:
@@ -82,3 +86,21 @@ def instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def compose_config(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
+    """The real config of a repo entry point (conf/), composed as `python <config_name>.py` would
+    compose it, with outputs under `output_dir`: for tests and benchmarks that build from the configs."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(REPO_ROOT)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.override_dirname = ",".join(overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees its config, `${hydra:...}` reads HydraConfig
+    return cfg

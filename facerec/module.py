@@ -101,7 +101,10 @@ class FaceRecognitionModule(L.LightningModule):
             stats = angular_statistics(logits, labels, self.head.target_cosine(embeddings, labels), scale)
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
             self.log("train/s", scale, on_step=True, on_epoch=False)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+            # The loss too only on logging steps (each self.log is Python work), and as a host copy:
+            # Lightning reads every progress-bar value with .item() after each step from then on,
+            # which for a GPU tensor would be a device sync per step.
+            self.log("train/loss", loss.detach().cpu(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

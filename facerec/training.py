@@ -42,6 +42,18 @@ def build_module(cfg: DictConfig) -> FaceRecognitionModule:
     )
 
 
+def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
+    """torch.compile the backbone and/or the head as `options` (the `compile` config) ask.
+
+    nn.Module.compile compiles the module's call in place, so parameter names, checkpoints and
+    exports stay as they are (torch.compile(module) would prefix every key with `_orig_mod.`).
+    """
+    kwargs = {key: options[key] for key in ("mode", "backend") if options.get(key) is not None}
+    for name in ("backbone", "head"):
+        if options.get(name):
+            getattr(module, name).compile(**kwargs)
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
     """The checkpoint to resume from: None, `last` (see find_last_checkpoint) or an existing path."""
     requested = cfg.get("ckpt_path")
@@ -96,6 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)
     check_data_and_model(datamodule, module)
+    compile_model(module, cfg.compile)  # after the checks: their eager CPU forward would compile a graph never used again
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers)
     for logger in loggers:

@@ -15,12 +15,7 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-from facerec.config import register_resolvers  # noqa: E402
+from facerec.config import compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config from here)
 
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
@@ -42,22 +37,6 @@ def shared_data() -> Path:
             pytest.fail(f"real face data expected at {SHARED_DATA} in CI")
         pytest.skip(f"real face data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train"):
-    """The real Hydra config, composed as train.py would, with outputs under `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO_ROOT)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.override_dirname = ",".join(overrides)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as in a real run: the task sees its config, `${hydra:...}` reads HydraConfig
-    return cfg
 
 
 def run_script(args: list[str], cwd: Path = REPO_ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
