@@ -28,6 +28,8 @@ def configure_torch(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig) -> FaceRecognitionModule:
     backbone = instantiate(cfg.model)
     head = instantiate(cfg.head, scale=instantiate(cfg.scale))
+    if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks
+        head = instantiate(cfg.sharding, head)
     return FaceRecognitionModule(
         backbone,
         head,
