@@ -67,6 +67,11 @@ def _all_gather_rows(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
+def _batch_sizes(batch: int, device: torch.device) -> list[int]:
+    """Every rank's number of samples this step."""
+    return _all_gather_rows(torch.tensor([batch], device=device), [1] * _world()[1]).tolist()
+
+
 class _GatherBatch(torch.autograd.Function):
     """All ranks' rows; backward sums every rank's gradient (each rank's loss depends on every
     sample) and returns this rank's rows times R, the factor DDP's averaging divides out."""
@@ -216,8 +221,7 @@ class PartialFC(nn.Module):
             x_hat = F.normalize(embeddings.to(dtype))
             labels = labels.view(-1).long()
             if self.world_size > 1:
-                sizes = _all_gather_rows(torch.tensor([len(labels)], device=labels.device), [1] * self.world_size)
-                sizes = sizes.tolist()
+                sizes = _batch_sizes(len(labels), labels.device)
                 x_hat = _GatherBatch.apply(x_hat, sizes, self.rank)
                 labels = _all_gather_rows(labels, sizes)
             local = labels - self.class_start
@@ -265,7 +269,7 @@ class PartialFC(nn.Module):
             x_hat = F.normalize(embeddings.to(dtype))
             if self.world_size == 1:
                 return cosines(x_hat, self.weight.to(dtype))[1].mul_(self.scale.value)
-            sizes = _all_gather_rows(torch.tensor([len(x_hat)], device=x_hat.device), [1] * self.world_size).tolist()
+            sizes = _batch_sizes(len(x_hat), x_hat.device)
             columns = [shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)]
             cos = cosines(_all_gather_rows(x_hat, sizes), self.weight.to(dtype))[1]
             start = sum(sizes[: self.rank])
@@ -300,11 +304,11 @@ class PartialFC(nn.Module):
     def gather_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
         """In a checkpoint's optimizer states, make the class centres' per-row state (momentum,
         Adam's moments) full (C, d); `param_index`: the centres' key in the optimizer state."""
-        _map_rows(optimizer_states, param_index, self.gather_rows)
+        _map_rows(optimizer_states, param_index, self.weight.shape, self.gather_rows)
 
     def shard_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
         """The inverse on load: keep this rank's rows of the full per-row state."""
-        _map_rows(optimizer_states, param_index, self.local_rows)
+        _map_rows(optimizer_states, param_index, (self.num_classes, *self.weight.shape[1:]), self.local_rows)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -321,10 +325,13 @@ class PartialFC(nn.Module):
         return f"{self.margin}, sample_rate={self.sample_rate}, {shard}"
 
 
-def _map_rows(optimizer_states: list[dict], param_index: int, rows) -> None:
+def _map_rows(optimizer_states: list[dict], param_index: int, shape: torch.Size | tuple, rows) -> None:
+    """Apply `rows` to the state tensors of that shape (one row per class) of the parameter at
+    `param_index`; scalars such as Adam's step stay as they are."""
     for optimizer_state in optimizer_states:
         entry = optimizer_state["state"].get(param_index)
         if entry:  # replaced, not changed: a state dict shares its entries with the live optimizer
             optimizer_state["state"][param_index] = {
-                key: rows(value) if torch.is_tensor(value) and value.dim() > 0 else value for key, value in entry.items()
+                key: rows(value) if torch.is_tensor(value) and value.shape == shape else value
+                for key, value in entry.items()
             }
