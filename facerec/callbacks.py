@@ -1,4 +1,4 @@
-"""Training callbacks: a checkpoint on preemption."""
+"""Training callbacks: a checkpoint on preemption (and a SLURM requeue)."""
 from __future__ import annotations
 
 import logging
@@ -6,9 +6,12 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facerec.checkpoints import LAST
+from facerec.cluster import requeue_slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +21,11 @@ class PreemptionCheckpoint(L.Callback):
     the current batch and stop cleanly; `python train.py ckpt_path=last` then resumes exactly.
 
     Lightning turns SIGTERM into a SIGTERMException at the end of a batch; SIGUSR1 is handled
-    the same way here unless Lightning's SLURM auto-requeue owns it (it then saves its own
-    hpc checkpoint and requeues the job).
+    the same way here. This handler is installed before Lightning's, so it also stands in for
+    Lightning's SLURM auto-requeue (which would save from inside the signal handler, mid-step):
+    in a SLURM job whose SLURMEnvironment has `auto_requeue` (the default), rank 0 requeues the
+    job after the checkpoint is written; the job restarts in the same run dir and resumes from it.
+    Under DDP the ranks agree on the batch at which they stop (one all-reduce of two flags).
     """
 
     def __init__(self, dirpath: str | Path, signals: tuple[str, ...] = ("SIGUSR1",)):
@@ -44,12 +50,32 @@ class PreemptionCheckpoint(L.Callback):
             log.info("preemption checkpoint written: %s (step %d)", self.path, trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if trainer.received_sigterm or self.requested:
-            self._save(trainer)
-            if self.requested and not trainer.received_sigterm:
-                raise SIGTERMException()  # stop like SIGTERM: Lightning exits cleanly
+        sigterm, requested = _on_any_rank(trainer, trainer.received_sigterm, self.requested)
+        if not (sigterm or requested):
+            return
+        self._save(trainer)
+        if requested and trainer.is_global_zero and _requeues(trainer):
+            requeue_slurm_job()
+        if not trainer.received_sigterm:
+            raise SIGTERMException()  # stop like SIGTERM (received here or on another rank): a clean exit
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM that arrived after this batch's on_train_batch_end: save at the batch boundary.
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self._save(trainer)
+
+
+def _on_any_rank(trainer: L.Trainer, *flags: bool) -> list[bool]:
+    """Each flag or-ed over the ranks: signals reach the ranks at slightly different times, and a
+    checkpoint is a collective, so every rank must save (and stop) after the same batch."""
+    if trainer.world_size == 1:
+        return list(flags)
+    values = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.bool().tolist()
+
+
+def _requeues(trainer: L.Trainer) -> bool:
+    # the environment Lightning's own signal handling reads (a single-device strategy has none of its own)
+    environment = trainer._accelerator_connector.cluster_environment
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue

@@ -2,7 +2,10 @@
 instead of hours later (or never) deep inside a stack trace."""
 from __future__ import annotations
 
+import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from facerec.data import FaceDataModule
 from facerec.module import FaceRecognitionModule
@@ -39,3 +42,17 @@ def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModu
         )
     if not 0 <= int(label) < head.num_classes:
         raise ValueError(f"the first training label is {int(label)}, outside [0, {head.num_classes}) (dataset.num_classes)")
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Lightning starts the other ranks of a one-node DDP run by re-running the command line; in a
+    Hydra multirun every rank would then run the whole sweep, in sweep dirs of its own."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    launches_ranks = environment is not None and not environment.creates_processes_externally
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if launches_ranks and trainer.num_devices * trainer.num_nodes > 1 and multirun:
+        raise ValueError(
+            "a Hydra multirun (-m) cannot start multi-process DDP runs itself: run each configuration "
+            "as its own `python train.py trainer=ddp ...`, or submit the sweep to SLURM with "
+            "hydra/launcher=slurm (SLURM starts the ranks of each run)"
+        )

@@ -49,10 +49,13 @@ def _run_name() -> str:
 def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     """A resumed run continues in its own directory: `ckpt_path=last` picks the newest run under
     `runs_dir` holding checkpoints/last.ckpt, and an explicit checkpoint of a train.py run dir
-    picks that dir. Otherwise a new directory `runs_dir/stamp`."""
+    picks that dir. Otherwise a new directory `runs_dir/stamp`; in a SLURM job `runs_dir/slurm-<job
+    id>` instead, the same for all its tasks and after every requeue of the job."""
     from facerec.checkpoints import find_last_checkpoint
+    from facerec.cluster import slurm_job_id
 
-    fresh = str(Path(runs_dir) / stamp)
+    job_id = slurm_job_id()
+    fresh = str(Path(runs_dir) / (f"slurm-{job_id}" if job_id else stamp))
     if ckpt_path in (None, "", "None"):
         return fresh
     if ckpt_path == "last":
@@ -63,11 +66,16 @@ def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     return str(run_dir) if run_dir and found.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir() else fresh
 
 
-def _config_subdir() -> str:
+def _config_subdir() -> str | None:
     """Where Hydra saves the composed config: `.hydra`, or `.hydra/resumed_<time>` when a resumed
-    run reuses its directory, so the original config is never overwritten."""
+    run reuses its directory, so the original config is never overwritten. Only rank 0 of a SLURM
+    job saves it (Lightning's own launcher passes `hydra.output_subdir=null` to the other ranks)."""
     from datetime import datetime
 
+    from facerec.cluster import slurm_rank
+
+    if slurm_rank() > 0:
+        return None
     if (Path(HydraConfig.get().runtime.output_dir) / ".hydra" / "config.yaml").exists():
         return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}"
     return ".hydra"

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from facerec.evaluation import VerificationMetric, embed, log_to_wandb
-from facerec.heads import MarginHead, angular_statistics
+from facerec.heads import MarginHead, PartialFC, angular_statistics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class FaceRecognitionModule(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        head: MarginHead,
+        head: MarginHead | PartialFC,
         optimizer: Callable,
         scheduler: Callable | None = None,
         flip: str = "sum",
@@ -89,18 +90,23 @@ class FaceRecognitionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         embeddings = self.backbone(images)
-        logits = self.head(embeddings, labels)
-        loss = F.cross_entropy(logits, labels)
+        should_log = self._should_log()
+        if isinstance(self.head, PartialFC):  # class-sharded: the head reduces its cross-entropy over ranks
+            loss, stats = self.head.loss(embeddings, labels, statistics=should_log)
+        else:
+            logits = self.head(embeddings, labels)
+            loss = F.cross_entropy(logits, labels)
+            if should_log:
+                target_cosine = self.head.target_cosine(embeddings, labels)
+                stats = angular_statistics(logits, labels, target_cosine, self.head.scale.value)
         if self.global_step in self.nonfinite_loss_steps:
             loss = loss * float("nan")
         if self.global_step == self.signal_at_step:
             os.kill(os.getpid(), self.signal)
         self._last_loss = loss.detach()
-        if self._should_log():
-            scale = self.head.scale.value
-            stats = angular_statistics(logits, labels, self.head.target_cosine(embeddings, labels), scale)
+        if should_log:
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
-            self.log("train/s", scale, on_step=True, on_epoch=False)
+            self.log("train/s", self.head.scale.value, on_step=True, on_epoch=False)
             # The loss too only on logging steps (each self.log is Python work), and as a host copy:
             # Lightning reads every progress-bar value with .item() after each step from then on,
             # which for a GPU tensor would be a device sync per step.
@@ -188,13 +194,27 @@ class FaceRecognitionModule(L.LightningModule):
             results[name] = metric.compute()  # gathers every rank's embeddings first
             metric.reset()
             for key, value in results[name].summary().items():
-                self.log(f"val/{name}/{key}", value, add_dataloader_idx=False)
+                # equal on every rank (the metric gathered all pairs); sync_dist only states it
+                self.log(f"val/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
         if results:
             accuracy_mean = sum(r.accuracy for r in results.values()) / len(results)
-            self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False)
+            self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
             if self.trainer.is_global_zero:
                 log_to_wandb(self.loggers, results, self.global_step)  # ROC plot and per-set table
         self.last_validation_step = self.global_step
+
+    # ----------------------------------------------------------- class sharding
+    def configure_model(self) -> None:
+        """Called by Lightning once the process group exists, before a checkpoint is restored and
+        before DDP wraps the module: a class-sharded head keeps its rows, which DDP must not
+        all-reduce (their gradients are complete on their rank)."""
+        if isinstance(self.head, PartialFC):
+            self.head.shard()
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["head.weight"])
+
+    def _head_weight_index(self) -> int:
+        # The class centres' key in the optimizer state: configure_optimizers passes self.parameters().
+        return next(i for i, p in enumerate(self.parameters()) if p is self.head.weight)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -203,10 +223,14 @@ class FaceRecognitionModule(L.LightningModule):
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger" and logger.version:
                 checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
+        if isinstance(self.head, PartialFC):  # every rank runs this; rank 0 writes the full rows
+            self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
+        if isinstance(self.head, PartialFC):  # the weights re-shard in PartialFC._load_from_state_dict
+            self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
 
 def rng_states() -> dict:

@@ -9,8 +9,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from facerec.checkpoints import checkpoint_config, find_last_checkpoint, load_checkpoint
-from facerec.checks import check_data_and_model
+from facerec.checkpoints import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.checks import check_data_and_model, check_launch
+from facerec.cluster import slurm_job_id
 from facerec.config import instantiate_all
 from facerec.module import FaceRecognitionModule
 
@@ -28,6 +29,8 @@ def configure_torch(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig) -> FaceRecognitionModule:
     backbone = instantiate(cfg.model)
     head = instantiate(cfg.head, scale=instantiate(cfg.scale))
+    if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks
+        head = instantiate(cfg.sharding, head)
     return FaceRecognitionModule(
         backbone,
         head,
@@ -55,9 +58,14 @@ def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from: None, `last` (see find_last_checkpoint) or an existing path."""
+    """The checkpoint to resume from: None, `last` (see find_last_checkpoint) or an existing path.
+    A requeued SLURM job (its run dir already holds a last.ckpt) resumes from it without asking."""
     requested = cfg.get("ckpt_path")
     if requested in (None, ""):
+        own = Path(cfg.paths.output_dir) / "checkpoints" / LAST
+        if slurm_job_id() and own.is_file():
+            log.info("SLURM job %s was requeued: resuming from %s", slurm_job_id(), own)
+            return own
         return None
     if requested == "last":
         found = find_last_checkpoint(cfg.paths.output_dir, cfg.paths.runs_dir)
@@ -111,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     compile_model(module, cfg.compile)  # after the checks: their eager CPU forward would compile a graph never used again
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers)
+    check_launch(trainer)
     for logger in loggers:
         logger.log_hyperparams(module.config)
     log.info("head: %s | s = %.4f", module.head, module.head.scale.value)

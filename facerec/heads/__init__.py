@@ -11,6 +11,7 @@ from facerec.heads.margins import (
     SphereFace,
     monotonic_cos,
 )
+from facerec.heads.partial_fc import PartialFC, shard_range
 from facerec.heads.scale import (
     AutoMarginScale,
     AutoScale,
@@ -35,6 +36,7 @@ __all__ = [
     "MarginHead",
     "MarginLogits",
     "NormFace",
+    "PartialFC",
     "ScalePolicy",
     "SphereFace",
     "angle",
@@ -42,4 +44,5 @@ __all__ = [
     "auto_scale",
     "gather_batch",
     "monotonic_cos",
+    "shard_range",
 ]

@@ -13,6 +13,7 @@ raises the target logit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +95,12 @@ class MarginLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_hat: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, head: MarginHead):
-        norms = torch.linalg.vector_norm(weight, dim=1).clamp_min_(1e-12)  # F.normalize's epsilon
-        cos = torch.mm(x_hat, weight.T).div_(norms)
+        norms, cos = cosines(x_hat, weight)
         index = labels.view(-1, 1)
         target = cos.gather(1, index).squeeze(1)
-        with torch.enable_grad():
-            target_leaf = target.detach().requires_grad_()
-            target_logit = head.target_logit(target_leaf)
-            (target_slope,) = torch.autograd.grad(target_logit.sum(), target_leaf)
+        target_logit, target_slope = target_logit_and_slope(head.target_logit, target)
         s = head.scale(cos, target, labels)  # the policy sees the cosines before the margin
-        cos.scatter_(1, index, target_logit.detach().view(-1, 1)).mul_(s)
+        cos.scatter_(1, index, target_logit.view(-1, 1)).mul_(s)
         ctx.save_for_backward(x_hat, weight, norms, index, target_slope)
         ctx.s = s
         return cos
@@ -115,14 +112,37 @@ class MarginLogits(torch.autograd.Function):
         # dL/d(x_hat . w_j) = dL/dlogit * s / |w_j|, times f'(cos theta) on the target column
         grad_raw = grad * (ctx.s / norms)
         grad_raw.scatter_(1, index, grad_raw.gather(1, index) * target_slope.view(-1, 1))
-        grad_x_hat = grad_raw @ weight
-        grad_weight = grad_raw.T @ x_hat
-        # Through w / |w|: remove from each row its component along w (the normalisation's
-        # Jacobian), in place, 256 rows at a time: a block stays in cache between its dot
-        # products and its update, where whole (C, d) passes cost 2x as much.
-        for w, g, n in zip(weight.split(256), grad_weight.split(256), norms.split(256)):
-            g.addcmul_(w, (torch.linalg.vecdot(w, g) / n.square()).unsqueeze(1), value=-1)
-        return grad_x_hat, grad_weight, None, None
+        return (*cosine_grads(grad_raw, x_hat, weight, norms), None, None)
+
+
+def cosines(x_hat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|w_j| (C,), cos theta_ij (B, C)) for unit rows x_hat and unnormalised class centres W: the
+    product x_hat W^T divided by the row norms in place, so W / |w| is never materialised."""
+    norms = torch.linalg.vector_norm(weight, dim=1).clamp_min_(1e-12)  # F.normalize's epsilon
+    return norms, torch.mm(x_hat, weight.T).div_(norms)
+
+
+def target_logit_and_slope(target_logit: Callable, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(cos theta_y) and f'(cos theta_y) of a margin's target function, both detached."""
+    with torch.enable_grad():
+        target_leaf = target.detach().requires_grad_()
+        logit = target_logit(target_leaf)
+        (slope,) = torch.autograd.grad(logit.sum(), target_leaf)
+    return logit.detach(), slope
+
+
+def cosine_grads(
+    grad_raw: torch.Tensor, x_hat: torch.Tensor, weight: torch.Tensor, norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of x_hat and W from grad_raw = dL/d(x_hat . w_j) (B, C)."""
+    grad_x_hat = grad_raw @ weight
+    grad_weight = grad_raw.T @ x_hat
+    # Through w / |w|: remove from each row its component along w (the normalisation's
+    # Jacobian), in place, 256 rows at a time: a block stays in cache between its dot
+    # products and its update, where whole (C, d) passes cost 2x as much.
+    for w, g, n in zip(weight.split(256), grad_weight.split(256), norms.split(256)):
+        g.addcmul_(w, (torch.linalg.vecdot(w, g) / n.square()).unsqueeze(1), value=-1)
+    return grad_x_hat, grad_weight
 
 
 class NormFace(MarginHead):

@@ -231,14 +231,17 @@ class DynamicScale(ScalePolicy):
     def nontarget_log_sums(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) ln sum_{j != y_i} exp(s cos theta_ij) over the columns of `cosine`, at the current s.
 
-        A log-sum-exp in float32, so no overflow at any s. It runs over blocks of rows holding
-        ~2^17 cosines: their temporaries stay in cache, where one (B, C) temporary made it ~2x slower.
+        A label < 0 says that the row's class is not among the columns (a class-sharded head: it
+        lives on another rank), so every column counts. A log-sum-exp in float32, so no overflow
+        at any s. It runs over blocks of rows holding ~2^17 cosines: their temporaries stay in
+        cache, where one (B, C) temporary made it ~2x slower.
         """
-        rows = max(1, 2**17 // cosine.shape[1])
+        rows = max(1, 2**17 // max(1, cosine.shape[1]))
         sums = []
         for cos, y in zip(cosine.detach().split(rows), labels.split(rows)):
             logits = cos.float() * self.s
-            logits.scatter_(1, y.view(-1, 1), -math.inf)
+            held = (y >= 0).nonzero().squeeze(1)
+            logits[held, y[held]] = -math.inf
             sums.append(torch.logsumexp(logits, dim=1))
         return torch.cat(sums)
 
