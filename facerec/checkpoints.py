@@ -62,13 +62,14 @@ def find_last_checkpoint(output_dir: str | Path, runs_dir: str | Path) -> Path |
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True: a checkpoint cannot run code when it is read."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """torch.load with weights_only=True: a checkpoint cannot run code when it is read.
+    mmap=True maps the tensors instead of reading them (to look at a large checkpoint's metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # pickle.UnpicklingError and friends: say which file and why
         raise ValueError(
             f"could not load {path} as a weights-only checkpoint ({type(error).__name__}: {error}). "

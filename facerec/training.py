@@ -105,7 +105,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
-        checkpoint = load_checkpoint(ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; Lightning reads the tensors
         check_resume_compatible(cfg, checkpoint, ckpt_path)
         run_id = checkpoint.get("wandb_run_id")
         if run_id and cfg.get("logger") and cfg.logger.get("wandb"):
