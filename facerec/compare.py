@@ -157,7 +157,7 @@ def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, list[Run]]
 
 def tar_metric(runs: Sequence[Run], far: float | None) -> str | None:
     """The TAR@FAR series to report: at `far`, or (None) at the smallest FAR that every run logs.
-    With several validation sets, the first one that logs it."""
+    With several validation sets, the first by name that logs it."""
     columns = [set(run.series) for run in runs]
     logged = set.intersection(*columns) if columns else set()
     candidates = sorted(
