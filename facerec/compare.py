@@ -156,10 +156,9 @@ def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, list[Run]]
 
 
 def tar_metric(runs: Sequence[Run], far: float | None) -> str | None:
-    """The TAR@FAR series to report: at `far`, or (None) at the smallest FAR that every run logs.
+    """The TAR@FAR series to report: at `far`, or (None) at the smallest FAR that the runs log.
     With several validation sets, the first by name that logs it."""
-    columns = [set(run.series) for run in runs]
-    logged = set.intersection(*columns) if columns else set()
+    logged = {key for run in runs for key in run.series}
     candidates = sorted(
         (float(key.rsplit("=", 1)[1]), key) for key in logged if re.fullmatch(r"val/[^/]+/tar@far=[0-9.e+-]+", key)
     )
@@ -193,6 +192,8 @@ def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: f
     if tar is None and far is not None:
         tar = tar_metric(runs, None)  # e.g. LFW DevTest: 499 different pairs cannot measure FAR = 1e-3
     columns = {
+        "steps": lambda run: float(run.curve("train/loss")[0][-1]) + 1 if len(run.curve("train/loss")[0]) else math.nan,
+        "nonfinite": lambda run: run.final("train/nonfinite_steps"),
         "final": lambda run: run.final(metric),
         "best": lambda run: float(np.max(run.curve(metric)[1])) if len(run.curve(metric)[1]) else math.nan,
         "tar": lambda run: run.final(tar) if tar else math.nan,
@@ -225,7 +226,7 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
     tar = next((s.tar_metric for s in summaries if s.tar_metric), None)
     tar_header = f"TAR@FAR={tar.rsplit('=', 1)[1]} (%)" if tar else "TAR@FAR (%)"
     header = [
-        "setting", "runs", "s (end)", f"final {metric} (%)", "best (%)", tar_header, "θ_med end (°)",
+        "setting", "runs", "steps", "skipped non-finite steps", "s (end)", f"final {metric} (%)", "best (%)", tar_header, "θ_med end (°)",
         "P(target) end", "train top-1 (%)", "loss end (not comparable)", "grad norm backbone (median)",
         "steps to 95% of best", "wall time / run (min)",
     ]  # fmt: skip
@@ -233,7 +234,8 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
     for summary in summaries:
         v = summary.values
         rows.append([
-            f"`{summary.label}`", str(summary.runs), _format(*v["s"], digits=2), _format(*v["final"], 100),
+            f"`{summary.label}`", str(summary.runs), _format(*v["steps"], digits=0), _format(*v["nonfinite"], digits=0),
+            _format(*v["s"], digits=2), _format(*v["final"], 100),
             _format(*v["best"], 100), _format(*v["tar"], 100), _format(*v["theta_med"]), _format(*v["p_target"], digits=3),
             _format(*v["top1"], 100), _format(*v["loss"], digits=2), _format(*v["grad_norm"], digits=2),
             _format(*v["steps_to_95"], digits=0), _format(*v["wall_time_s"], 1 / 60),
@@ -248,7 +250,7 @@ PANELS = [  # metric (None: the compared one), y label, smooth the per-batch val
     ("train/theta_med", "θ_med, median target angle (°)", True, False),
     ("train/s", "scale s", False, False),
     ("train/loss", "training loss (not comparable across s)", True, False),
-    ("train/p_target", "P(target), median", True, False),
+    ("train/p_target", "P(target), median", True, True),
     ("train/grad_norm_backbone", "gradient norm, backbone (s scales it)", True, True),
 ]
 

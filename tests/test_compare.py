@@ -99,6 +99,7 @@ def test_groups_by_swept_keys_and_aggregates_seeds(tmp_path):
     assert fixed.values["best"][0] == pytest.approx(0.8)
     assert auto.values["final"][0] == pytest.approx(0.925) and auto.values["tar"][0] == pytest.approx(0.725)
     assert fixed.values["s"] == (30.0, 0.0) and auto.values["s"][0] == 13.0
+    assert fixed.values["steps"] == (30, 0) and math.isnan(fixed.values["nonfinite"][0])  # not logged here
     # the first validation at >= 95% of the run's best: steps 29 and 19 (fixed), 19 and 19 (auto)
     assert fixed.values["steps_to_95"][0] == 24 and auto.values["steps_to_95"] == (19, 0)
     assert fixed.values["wall_time_s"][0] == 11 * 60
@@ -108,7 +109,7 @@ def test_groups_by_swept_keys_and_aggregates_seeds(tmp_path):
 
     table = compare.markdown_table([fixed, auto])
     assert "TAR@FAR=1e-03 (%)" in table.splitlines()[0]
-    assert "| `scale=auto` | 2 | 13.00 ± 0.00 | 92.5 ± 3.5 | 92.5 ± 3.5 | 72.5 ± 3.5 |" in table
+    assert "| `scale=auto` | 2 | 30 ± 0 | – | 13.00 ± 0.00 | 92.5 ± 3.5 | 92.5 ± 3.5 | 72.5 ± 3.5 |" in table
 
 
 def test_tar_falls_back_to_the_smallest_far_logged(tmp_path):
