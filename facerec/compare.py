@@ -248,8 +248,8 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
 PANELS = [  # metric (None: the compared one), y label, smooth the per-batch values, log y axis
     (None, "held-out verification accuracy (%)", False, False),
     ("train/theta_med", "θ_med, median target angle (°)", True, False),
-    ("train/s", "scale s", False, False),
-    ("train/loss", "training loss (not comparable across s)", True, False),
+    ("train/s", "scale s", False, True),  # log axes: a diverging run (s, loss ~ 1e12) stays readable
+    ("train/loss", "training loss (not comparable across s)", True, True),
     ("train/p_target", "P(target), median", True, True),
     ("train/grad_norm_backbone", "gradient norm, backbone (s scales it)", True, True),
 ]
@@ -278,6 +278,7 @@ def plot_comparison(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, 
     """A matplotlib Figure: the compared metric and the scale diagnostics against the step, one line
     per setting (mean over its runs, shaded ± std)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     figure, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     for ax, (panel_metric, ylabel, smooth, log_y) in zip(axes.flat, PANELS):
@@ -291,6 +292,9 @@ def plot_comparison(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, 
             ax.plot(steps, mean * factor, line_style, color=f"C{colour}", markersize=3, label=f"{label} (n={len(runs)})")
             ax.fill_between(steps, (mean - std) * factor, (mean + std) * factor, color=f"C{colour}", alpha=0.2, linewidth=0)
         ax.set(xlabel="step", ylabel=ylabel, yscale="log" if log_y else "linear")
+        if log_y:  # plain numbers (30, 60) rather than 3x10^1; minor ticks labelled over short ranges
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
         ax.grid(alpha=0.3)
     axes.flat[0].set_title(metric, fontsize="medium")
     handles, labels = axes.flat[0].get_legend_handles_labels()
