@@ -214,11 +214,11 @@ def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: f
     ]
 
 
-def _format(mean: float, std: float, scale: float = 1.0, digits: int = 1) -> str:
+def _format(mean: float, std: float, scale: float = 1.0, digits: int = 1, spec: str = "f") -> str:
     if math.isnan(mean):
         return "–"
-    text = f"{mean * scale:.{digits}f}"
-    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+    text = f"{mean * scale:.{digits}{spec}}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}{spec}}"
 
 
 def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METRIC) -> str:
@@ -236,7 +236,7 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
         rows.append([
             f"`{summary.label}`", str(summary.runs), _format(*v["steps"], digits=0), _format(*v["nonfinite"], digits=0),
             _format(*v["s"], digits=2), _format(*v["final"], 100),
-            _format(*v["best"], 100), _format(*v["tar"], 100), _format(*v["theta_med"]), _format(*v["p_target"], digits=3),
+            _format(*v["best"], 100), _format(*v["tar"], 100), _format(*v["theta_med"]), _format(*v["p_target"], spec="e"),
             _format(*v["top1"], 100), _format(*v["loss"], digits=2), _format(*v["grad_norm"], digits=2),
             _format(*v["steps_to_95"], digits=0), _format(*v["wall_time_s"], 1 / 60),
         ])  # fmt: skip
