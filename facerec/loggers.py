@@ -8,9 +8,11 @@ from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 WANDB_MODES = ("offline", "online", "disabled")
+STEP_AXIS = "trainer/global_step"  # Lightning's x axis for every metric it logs to W&B
 
 
 def wandb_key_configured() -> bool:
@@ -25,10 +27,8 @@ def wandb_key_configured() -> bool:
 
 
 def wandb_logger(mode: str = "offline", **kwargs):
-    """A Lightning WandbLogger in `mode` (offline by default: runs are written under
+    """A WandbLogger (below) in `mode` (offline by default: runs are written under
     save_dir and can be uploaded later with `wandb sync`)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode must be one of {WANDB_MODES}, got {mode!r}")
     if mode == "online" and not wandb_key_configured():
@@ -37,6 +37,29 @@ def wandb_logger(mode: str = "offline", **kwargs):
             "Without one, keep mode=offline and upload later with `wandb sync <run dir>/wandb/offline-run-*`."
         )
     return WandbLogger(mode=mode, **kwargs)
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger plus metric definitions, so the runs of a sweep line up in W&B.
+
+    define_metrics: metric name or `prefix/*` glob -> W&B summary ("max,last", "min", ...),
+    applied with `wandb.define_metric` when the run starts. Every run of a sweep then reports the
+    same summaries (e.g. best and final held-out accuracy) against the same step axis, so the
+    s = 30 and auto panels line up. The run still starts lazily, on rank 0 only.
+    """
+
+    def __init__(self, *args, define_metrics: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.define_metrics = dict(define_metrics or {})
+
+    @property
+    def experiment(self):
+        starting = self._experiment is None
+        experiment = super().experiment
+        if starting and self._experiment is not None:  # the run was created just now
+            for name, summary in self.define_metrics.items():
+                experiment.define_metric(name, step_metric=STEP_AXIS, summary=summary)
+        return experiment
 
 
 class _AppendingWriter(ExperimentWriter):
