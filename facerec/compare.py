@@ -147,10 +147,11 @@ def load_runs(sweep_dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, list[Run]]:
-    """Runs by setting ("scale=auto" or "head.m=0.3,scale=auto"), in the order they first appear."""
+    """Runs by setting ("scale=auto" or "head.m=0.3,scale=auto"), in the order they first appear. A key
+    a run did not override is left out of its label (the run used the config's value)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        label = ",".join(f"{key}={run.overrides.get(key, '(default)')}" for key in keys) or "all runs"
+        label = ",".join(f"{key}={run.overrides[key]}" for key in keys if key in run.overrides) or "all runs"
         groups.setdefault(label, []).append(run)
     return groups
 
@@ -298,10 +299,13 @@ def plot_comparison(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, 
         ax.grid(alpha=0.3)
     axes.flat[0].set_title(metric, fontsize="medium")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False)
+    # as many columns as fit the figure's width (~170 characters of legend text across 15 inches)
+    columns = max(1, min(len(labels), 5, 170 // (max(map(len, labels), default=1) + 6)))
+    rows = -(-len(labels) // columns)
+    figure.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0.06, 1, 0.97 if title else 1))
+    figure.tight_layout(rect=(0, 0.015 + 0.03 * rows, 1, 0.97 if title else 1))
     return figure
 
 
@@ -319,9 +323,11 @@ def compare(
     table = markdown_table(summarize(groups, metric, far), metric)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figure = plot_comparison(groups, metric, title=", ".join(str(Path(d).name) for d in sweep_dirs))
+    # the sweeps' names; a single run dir stands for its sweep (the parent of the numbered dir)
+    sweeps = dict.fromkeys(str(path.parent.name if run_dirs(path) == [path] else path.name) for path in map(Path, sweep_dirs))
+    figure = plot_comparison(groups, metric, title=", ".join(sweeps))
     figure_path, table_path = out_dir / f"{name}.png", out_dir / f"{name}.md"
-    figure.savefig(figure_path, dpi=110)
+    figure.savefig(figure_path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
     table_path.write_text(

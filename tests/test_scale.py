@@ -96,7 +96,7 @@ def unit(degrees: float) -> list[float]:
 
 def test_dynamic_scale_equals_a_hand_computed_value():
     centres = [0.0, 90.0, 180.0, 270.0]
-    head = CosFace(2, 4, scale=DynamicScale(), m=0.35)
+    head = CosFace(2, 4, scale=DynamicScale(max_scale=math.inf), m=0.35)  # the paper's rule, uncapped
     with torch.no_grad():
         head.weight.copy_(torch.tensor([unit(a) for a in centres]))
     s = math.sqrt(2) * math.log(3)  # the initial s: the auto value for C = 4
@@ -116,9 +116,33 @@ def test_dynamic_scale_equals_a_hand_computed_value():
         assert logits.dtype == torch.float32
 
 
+def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
+    # Embeddings crowded together with the class centres (as early in training): every non-target
+    # cosine is ~0.9 > cos(45 deg), so ln(B_avg) ~ ln(C-1) + 0.9 s and the paper's rule multiplies
+    # s by ~0.9 / 0.71 each step. The default cap keeps it at the starting (auto) value.
+    torch.manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(1, 8))
+    x = direction + 0.05 * torch.randn(32, 8)
+    labels = torch.randint(0, 100, (32,))
+    uncapped, capped, capped_at_20 = (
+        CosFace(8, 100, scale=DynamicScale(max_scale=cap)) for cap in (math.inf, None, 20.0)
+    )
+    start = math.sqrt(2) * math.log(99)
+    for head in (uncapped, capped, capped_at_20):
+        with torch.no_grad():
+            head.weight.copy_(direction + 0.05 * torch.randn(100, 8))
+        for _ in range(10):
+            head(x, labels)
+    assert uncapped.scale.value > 5 * start  # ~1.25x per step
+    assert capped.scale.value == pytest.approx(start)
+    assert capped_at_20.scale.value == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="scale.max_scale must be > 0"):
+        DynamicScale(max_scale=0.0)
+
+
 def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none():
     torch.manual_seed(0)
-    head = NormFace(8, 1000, scale=DynamicScale())
+    head = NormFace(8, 1000, scale=DynamicScale(max_scale=math.inf))
     head.scale.s.fill_(500.0)  # exp(500 cos) overflows float32; the log-sum-exp does not
     head(torch.randn(32, 8), torch.randint(0, 1000, (32,)))
     assert math.isfinite(head.scale.value) and head.scale.value > 0
@@ -133,11 +157,11 @@ def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none(
 
 def test_dynamic_scale_survives_a_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
-    head = CosFace(8, 50, scale=DynamicScale())
+    head = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
     x, labels = torch.randn(16, 8), torch.randint(0, 50, (16,))
     head(x, labels)
     torch.save(head.state_dict(), tmp_path / "head.pt")
-    restored = CosFace(8, 50, scale=DynamicScale())
+    restored = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
     assert restored.scale.value != head.scale.value
     restored.load_state_dict(torch.load(tmp_path / "head.pt", weights_only=True))
     assert restored.scale.value == head.scale.value
@@ -145,7 +169,9 @@ def test_dynamic_scale_survives_a_state_dict_round_trip(tmp_path):
 
 
 def test_dynamic_scale_is_logged_and_checkpointed_by_train_py(tmp_path):
-    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "scale=dynamic", "logger=csv", f"hydra.run.dir={tmp_path}"])
+    # the cap raised from the starting value (its default), so s can move both ways here
+    overrides = ["trainer.max_epochs=1", "scale=dynamic", "scale.max_scale=100", "logger=csv"]
+    run_script(["train.py", *TINY_RUN, *overrides, f"hydra.run.dir={tmp_path}"])
     with open(tmp_path / "csv" / "metrics.csv") as f:
         logged = [float(row["train/s"]) for row in csv.DictReader(f) if row.get("train/s")]
     assert len(logged) == 10 and len(set(logged)) > 1  # one s per step, and it moves

@@ -199,22 +199,35 @@ class DynamicScale(ScalePolicy):
     at the auto value sqrt(2) ln(C - 1) (theta0 = pi/4) and is a buffer, so checkpoints keep it.
     `value` is the s used by the last forward pass.
 
+    s never exceeds `max_scale` (default: the starting value). The rule feeds s_{t-1} back into
+    B_avg: while the batch's non-target cosines exceed cos(min(theta0, theta_med)), as when
+    embeddings still crowd together early in training, ln(B_avg) grows faster than s and s grows
+    geometrically (measured on LFW DevTrain with CosFace m = 0.35: s -> 6.9e13 by step 159, then NaN).
+    In the regime the rule was derived for (other classes at or beyond 90 degrees) ln(B_avg) <=
+    ln(C - 1), so s stays at or below its start and the cap never binds. `max_scale=inf` is the
+    paper's unbounded rule.
+
     The reductions are split so that a class-sharded head (Partial FC) can make them global:
     `nontarget_log_sums` covers the classes a rank holds (combine the shards' values with a
     log-sum-exp all-reduce), `update` applies the rule to statistics of the whole batch.
     `forward` is the data-parallel path: every rank holds all classes and a slice of the batch.
     """
 
-    def __init__(self, theta0: float = math.pi / 4, num_classes: int | None = None):
+    def __init__(self, theta0: float = math.pi / 4, num_classes: int | None = None, max_scale: float | None = None):
         super().__init__()
         self.theta0 = float(theta0)
         self.num_classes = num_classes
         _check_scale_args(num_classes, self.theta0)
+        if max_scale is not None and not max_scale > 0:
+            raise ValueError(f"scale.max_scale must be > 0 (or null: the starting value), got {max_scale}")
+        self.max_scale = max_scale
         self.register_buffer("s", torch.tensor(math.nan))
 
     def bind(self, head: nn.Module) -> None:
         super().bind(head)
-        self.s.fill_(auto_scale(self.num_classes, self.theta0))
+        start = auto_scale(self.num_classes, self.theta0)
+        self.s_max = start if self.max_scale is None else float(self.max_scale)
+        self.s.fill_(min(start, self.s_max))
 
     @property
     def value(self) -> float:
@@ -253,9 +266,10 @@ class DynamicScale(ScalePolicy):
         s = log_b_avg / torch.cos(theta_med.clamp(max=self.theta0))
         # ln(B_avg) <= 0 only if the other classes sit far beyond 90 degrees (a handful of
         # classes): the rule has no positive s then, so the last one is kept.
-        s = torch.where(s > 0, s, self.s)
+        s = torch.where(s > 0, s, self.s).clamp(max=self.s_max)
         self.s.copy_(s)
         return s
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, theta0={math.degrees(self.theta0):.1f} deg"
+        cap = "" if self.num_classes is None else f", max_scale={self.s_max:.4g}"
+        return f"{super().extra_repr()}, theta0={math.degrees(self.theta0):.1f} deg{cap}"
