@@ -136,8 +136,9 @@ def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
     assert uncapped.scale.value > 5 * start  # ~1.25x per step
     assert capped.scale.value == pytest.approx(start)
     assert capped_at_20.scale.value == pytest.approx(20.0)
-    with pytest.raises(ValueError, match="scale.max_scale must be > 0"):
-        DynamicScale(max_scale=0.0)
+    for bad in (0.0, ".inf"):  # ".inf" is YAML's spelling; Hydra's command line reads `inf`
+        with pytest.raises(ValueError, match="scale.max_scale must be a number > 0"):
+            DynamicScale(max_scale=bad)
 
 
 def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none():

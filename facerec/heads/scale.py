@@ -218,8 +218,8 @@ class DynamicScale(ScalePolicy):
         self.theta0 = float(theta0)
         self.num_classes = num_classes
         _check_scale_args(num_classes, self.theta0)
-        if max_scale is not None and not max_scale > 0:
-            raise ValueError(f"scale.max_scale must be > 0 (or null: the starting value), got {max_scale}")
+        if max_scale is not None and not (isinstance(max_scale, (int, float)) and max_scale > 0):
+            raise ValueError(f"scale.max_scale must be a number > 0 (inf: no cap; null: the starting value), got {max_scale!r}")
         self.max_scale = max_scale
         self.register_buffer("s", torch.tensor(math.nan))
 

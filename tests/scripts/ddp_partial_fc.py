@@ -16,6 +16,7 @@ same global batch (the problems below are shared with it):
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ MARGINS = {
     "combined": CombinedMargin,
     "adacos": AdaCos,
 }
-SCALES = {"fixed": lambda: FixedScale(30.0), "auto": AutoScale, "auto_margin": AutoMarginScale, "dynamic": DynamicScale}
+SCALES = {"fixed": lambda: FixedScale(30.0), "auto": AutoScale, "auto_margin": AutoMarginScale, "dynamic": lambda: DynamicScale(max_scale=math.inf)}  # uncapped: s moves
 UNEVEN = (7, 4)  # samples on rank 0 and rank 1
 SAMPLE_RATE = 0.25
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.5
