@@ -251,6 +251,13 @@ def image_size(tmp: Path):
     check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
 
 
+@case("config", "YAML's spelling of infinity on the command line: scale=dynamic scale.max_scale=.inf", Exception, r"scale\.max_scale must be a number > 0 \(inf: no cap")
+def max_scale_string(tmp: Path):
+    from facerec.training import build_module
+
+    build_module(_compose(tmp, "scale=dynamic", "scale.max_scale=.inf"))
+
+
 @case("config", "a margin value for a head without margin: head=normface +head.m=0.3", Exception, r"NormFace has no margin parameters")
 def margin_on_normface(tmp: Path):
     from facerec.training import build_module
