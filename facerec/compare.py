@@ -132,7 +132,7 @@ def sweep_keys(sweep_dir: Path) -> set[str]:
     if not multirun.is_file():
         return set()
     hydra = OmegaConf.load(multirun).hydra
-    return swept_keys(list(hydra.overrides.task), hydra.sweeper.get("params"))
+    return {key.lstrip("+~") for key in swept_keys(list(hydra.overrides.task), hydra.sweeper.get("params"))}  # as load_run reads them
 
 
 def load_runs(sweep_dirs: Sequence[Path]) -> tuple[list[Run], list[str]]:
@@ -324,7 +324,7 @@ def compare(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the sweeps' names; a single run dir stands for its sweep (the parent of the numbered dir)
-    sweeps = dict.fromkeys(str(path.parent.name if run_dirs(path) == [path] else path.name) for path in map(Path, sweep_dirs))
+    sweeps = dict.fromkeys(path.parent.name if (path / ".hydra").is_dir() else path.name for path in map(Path, sweep_dirs))
     figure = plot_comparison(groups, metric, title=", ".join(sweeps))
     figure_path, table_path = out_dir / f"{name}.png", out_dir / f"{name}.md"
     figure.savefig(figure_path, dpi=110, bbox_inches="tight")

@@ -67,7 +67,7 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())[self.skip :]
         self.skip = 0  # only the resumed epoch starts part-way
         base = (self.seed * 1_000_003 + self.epoch) << 40
-        return iter([SampleKey(index, base + index) for index in indices])
+        return (SampleKey(index, base + index) for index in indices)  # lazily: a key per sample costs ~2 us and ~230 B
 
 
 class ResumableLoader(DataLoader):

@@ -69,15 +69,18 @@ def extract_embeddings(
     device: where the backbone runs (default: where its parameters are); bf16: autocast
     the backbone to bfloat16 (the embeddings are returned in float32).
     """
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, num_workers=num_workers)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    if not isinstance(data, DataLoader):
+        data = DataLoader(data, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = data
     was_training = backbone.training
     backbone.eval().to(device)
     embeddings, indices = [], []
     try:
         for images, index in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                embeddings.append(embed(backbone, images.to(device, non_blocking=True), flip).cpu())
+                # kept on the device (embedding_table copies once): a .cpu() per batch would stall the GPU
+                embeddings.append(embed(backbone, images.to(device, non_blocking=True), flip))
             indices.append(torch.as_tensor(index))
     finally:
         backbone.train(was_training)

@@ -52,21 +52,14 @@ class MarginHead(nn.Module):
         """f(cos theta) for the target class."""
         raise NotImplementedError
 
-    def _check(self, embeddings: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"{type(self).__name__} expects embeddings of shape (B, {self.embedding_size}), "
-                f"got {tuple(embeddings.shape)}"
-            )
-
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, C) float32 cosines between the embeddings and every class centre."""
-        self._check(embeddings)
-        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+        check_embeddings(self, embeddings)
+        return cosines(F.normalize(embeddings.float()), self.weight.float())[1]
 
     def target_cosine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) float32 cosine to the own class centre, without the (B, C) matrix."""
-        self._check(embeddings)
+        check_embeddings(self, embeddings)
         centres = F.normalize(self.weight.float()[labels.view(-1)])
         return (F.normalize(embeddings.float()) * centres).sum(dim=1)
 
@@ -74,7 +67,7 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             if labels is None:
                 return self.cosine(embeddings).mul_(self.scale.value)
-            self._check(embeddings)
+            check_embeddings(self, embeddings)
             x_hat = F.normalize(embeddings.float())
             return MarginLogits.apply(x_hat, self.weight.float(), labels.view(-1).long(), self)
 
@@ -113,6 +106,13 @@ class MarginLogits(torch.autograd.Function):
         grad_raw = grad * (ctx.s / norms)
         grad_raw.scatter_(1, index, grad_raw.gather(1, index) * target_slope.view(-1, 1))
         return (*cosine_grads(grad_raw, x_hat, weight, norms), None, None)
+
+
+def check_embeddings(head: nn.Module, embeddings: torch.Tensor) -> None:
+    if embeddings.dim() != 2 or embeddings.shape[1] != head.embedding_size:
+        raise ValueError(
+            f"{type(head).__name__} expects embeddings of shape (B, {head.embedding_size}), got {tuple(embeddings.shape)}"
+        )
 
 
 def cosines(x_hat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from facerec.heads.angles import COS_EPS, angle
-from facerec.heads.margins import MarginHead, cosine_grads, cosines, target_logit_and_slope
+from facerec.heads.margins import MarginHead, check_embeddings, cosine_grads, cosines, target_logit_and_slope
 from facerec.heads.scale import ScalePolicy
 
 
@@ -214,7 +214,7 @@ class PartialFC(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(mean cross-entropy over the global batch, diagnostics if `statistics`). Every rank
         calls it in the same step, with its own batch (sizes may differ)."""
-        self._check(embeddings)
+        check_embeddings(self, embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             # float32 logits under autocast; float64 inputs (tests) stay float64
             dtype = torch.promote_types(embeddings.dtype, torch.float32)
@@ -263,7 +263,7 @@ class PartialFC(nn.Module):
         (gathers all columns: for inspection at small C). Training calls `loss`."""
         if labels is not None:
             raise TypeError(f"{type(self).__name__} computes its cross-entropy across ranks: call head.loss(embeddings, labels)")
-        self._check(embeddings)
+        check_embeddings(self, embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             dtype = torch.promote_types(embeddings.dtype, torch.float32)
             x_hat = F.normalize(embeddings.to(dtype))
@@ -274,12 +274,6 @@ class PartialFC(nn.Module):
             cos = cosines(_all_gather_rows(x_hat, sizes), self.weight.to(dtype))[1]
             start = sum(sizes[: self.rank])
             return _all_gather_rows(cos.T.contiguous(), columns).T[start : start + len(x_hat)].mul_(self.scale.value)
-
-    def _check(self, embeddings: torch.Tensor) -> None:
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"{type(self).__name__} expects embeddings of shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}"
-            )
 
     # --------------------------------------------------------------- checkpoints
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:

@@ -253,8 +253,11 @@ class DynamicScale(ScalePolicy):
         sums = []
         for cos, y in zip(cosine.detach().split(rows), labels.split(rows)):
             logits = cos.float() * self.s
-            held = (y >= 0).nonzero().squeeze(1)
-            logits[held, y[held]] = -math.inf
+            # the own class's column to -inf where the row holds it: a masked scatter, where
+            # indexing by (y >= 0).nonzero() would cost a host sync per block on a GPU
+            column = y.clamp(min=0).unsqueeze(1)
+            held = (y >= 0).unsqueeze(1)
+            logits.scatter_(1, column, torch.where(held, -math.inf, logits.gather(1, column)))
             sums.append(torch.logsumexp(logits, dim=1))
         return torch.cat(sums)
 
