@@ -122,6 +122,8 @@ class FaceRecognitionModule(L.LightningModule):
         finite = torch.isfinite(self._last_loss)
         if not scaler_owns_grads:
             finite &= torch.isfinite(grad_backbone + grad_head)
+        if isinstance(self.head, PartialFC):  # each rank sees only its shard's gradients: skip on all or on none
+            finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
         if bool(finite):  # one host sync per step, as a GradScaler does
             self.consecutive_nonfinite.zero_()
         else:
