@@ -15,7 +15,6 @@ import argparse
 import io
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -24,10 +23,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from facerec.config import DATA_DIR  # noqa: E402
 from facerec.data import ImageFolderDataset  # noqa: E402
 from facerec.data.decode import decode_image, normalise  # noqa: E402
-
-DATA = Path(os.environ.get("FACEREC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def pillow_decode(data: bytes) -> np.ndarray:
@@ -47,7 +45,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    files = sorted((DATA / "lfw" / "aligned_112").glob("*/*.jpg"))[: args.images]
+    files = sorted((DATA_DIR / "lfw" / "aligned_112").glob("*/*.jpg"))[: args.images]
     blobs = [f.read_bytes() for f in files]
     print(f"{len(blobs)} LFW JPEGs, 112x112, mean {np.mean([len(b) for b in blobs]) / 1024:.1f} KiB; one thread")
 
@@ -67,7 +65,7 @@ def main() -> None:
         print(f"simplejpeg / Pillow, {stage}: {best['simplejpeg ' + stage] / best['Pillow ' + stage]:.2f}x")
 
     people = sorted({f.parent.name for f in files})
-    dataset = ImageFolderDataset(DATA / "lfw" / "aligned_112", identities=people)
+    dataset = ImageFolderDataset(DATA_DIR / "lfw" / "aligned_112", identities=people)
     for workers in (1, 2):
         loader = DataLoader(dataset, batch_size=128, shuffle=True, num_workers=workers, persistent_workers=True)
         next(iter(loader))  # start the workers

@@ -20,10 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from facerec.config import DATA_DIR  # noqa: E402
 from facerec.data import RecordDataset  # noqa: E402
 from facerec.data.convert import folder_to_rec  # noqa: E402
-
-DATA = Path(os.environ.get("FACEREC_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch)
         start = time.perf_counter()
-        stats = folder_to_rec(DATA / "lfw" / "aligned_112", out)
+        stats = folder_to_rec(DATA_DIR / "lfw" / "aligned_112", out)
         print(f"converted {stats['images']} images of {stats['classes']} identities in {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
         dataset = RecordDataset(out, num_classes=stats["classes"])

@@ -54,7 +54,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from facerec.config import REPO_ROOT, compose_config, instantiate_all
+from facerec.config import DATA_DIR, compose_config, instantiate_all
 from facerec.data import FaceDataModule, RecordDataset, SyntheticIdentities
 from facerec.data.convert import folder_to_rec
 from facerec.module import total_grad_norm
@@ -65,7 +65,7 @@ AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched in order against the device name.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0))
 COMPILE = {"off": (False, False), "backbone": (True, False), "all": (True, True)}
-LFW = Path(os.environ.get("FACEREC_DATA", REPO_ROOT.parent / "shared" / "data")) / "lfw" / "aligned_112"
+LFW = DATA_DIR / "lfw" / "aligned_112"
 
 
 class Clock:
@@ -144,8 +144,8 @@ def raw_loop(module, cfg, batches, clock: Clock, warmup: int, steps: int, log_ev
     """The hand-written loop: what FaceRecognitionModule.training_step and Lightning do, minus the framework."""
     precision, device = str(cfg.trainer.precision), batches[0][0].device
     backbone, head = module.backbone.to(device).train(), module.head.to(device).train()
-    optimizer = instantiate(cfg.optim.optimizer)(module.parameters())
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer, total_steps=warmup + steps) if cfg.optim.get("scheduler") else None
+    optimizer = module.optimizer_factory(module.parameters())  # built as the module builds them
+    scheduler = module.scheduler_factory(optimizer, total_steps=warmup + steps) if module.scheduler_factory else None
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     logged = []
     for step, (images, labels) in enumerate(batch_loader(batches, warmup + steps)):

@@ -1,6 +1,7 @@
 """Hydra glue: custom resolvers, instantiation of config groups holding several objects, composing the configs."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -12,6 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the real face data: paths.data_dir of conf/paths/default.yaml, for code that runs without the configs
+DATA_DIR = Path(os.environ.get("FACEREC_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def _run_group() -> str:
