@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_helpers import write_jpeg_folder
+from data_helpers import corrupt_record, write_jpeg_folder, write_rec_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -53,26 +50,6 @@ class WritesAFile:
         return (open, (str(self.target), "w"))
 
 
-def _rec_folder(tmp: Path, identities: int = 3) -> Path:
-    from facerec.data.convert import folder_to_rec
-
-    folder_to_rec(write_jpeg_folder(tmp / "faces", identities=identities, per_identity=4), tmp / "rec")
-    return tmp / "rec"
-
-
-def _rec_folder_with_corrupt_record_6(tmp: Path) -> Path:
-    """A converter-written training set whose image record 6 has its JPEG data zeroed in place."""
-    from facerec.data import RecordDataset
-
-    rec = _rec_folder(tmp)
-    reader = RecordDataset(rec, num_classes=3).reader
-    offset = reader.offsets[reader.row(6)]
-    raw = bytearray((rec / "train.rec").read_bytes())
-    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)  # past framing and image header
-    (rec / "train.rec").write_bytes(bytes(raw))
-    return rec
-
-
 def _refused_without_running(load: Callable[[Path], object], path: Path, marker: Path) -> None:
     try:
         load(path)
@@ -81,10 +58,9 @@ def _refused_without_running(load: Callable[[Path], object], path: Path, marker:
 
 
 def _hydra(tmp: Path, *overrides: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
+    from conftest import run_script
+
+    result = run_script(["train.py", *overrides, f"hydra.run.dir={tmp}"], timeout=300, check=False)
     noise = ("HYDRA_FULL_ERROR", "Config search path", "provider=")
     lines = [line.strip() for line in result.stderr.splitlines() if line.strip() and not any(n in line for n in noise)]
     raise RuntimeError(" ".join(lines))
@@ -101,14 +77,14 @@ def _compose(tmp: Path, *overrides: str):
 def corrupt_record_strict(tmp: Path):
     from facerec.data import RecordDataset
 
-    RecordDataset(_rec_folder_with_corrupt_record_6(tmp), num_classes=3, strict=True)[5]
+    RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, strict=True)[5]
 
 
 @case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"skipped 1 .*record 6: corrupt JPEG")
 def corrupt_record_skipped(tmp: Path) -> str:
     from facerec.data import RecordDataset
 
-    dataset = RecordDataset(_rec_folder_with_corrupt_record_6(tmp), num_classes=3, flip=False)
+    dataset = RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, flip=False)
     messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
     return f"skipped {dataset.skipped} (dropped from its batch, counted, logged: {messages[0]})"
 
@@ -117,7 +93,7 @@ def corrupt_record_skipped(tmp: Path) -> str:
 def truncated_rec(tmp: Path):
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
+    rec = write_rec_folder(tmp)
     data = (rec / "train.rec").read_bytes()
     (rec / "train.rec").write_bytes(data[: len(data) - 100])
     RecordDataset(rec, num_classes=3)
@@ -127,7 +103,7 @@ def truncated_rec(tmp: Path):
 def index_mismatch(tmp: Path):
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
+    rec = write_rec_folder(tmp)
     rows = [line.split("\t") for line in (rec / "train.idx").read_text().splitlines()]
     (rec / "train.idx").write_text("".join(f"{k}\t{int(o) + 4}\n" for k, o in rows))
     RecordDataset(rec, num_classes=3)
@@ -137,7 +113,7 @@ def index_mismatch(tmp: Path):
 def missing_property(tmp: Path):
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
+    rec = write_rec_folder(tmp)
     (rec / "property").unlink()
     RecordDataset(rec, num_classes=3)
 
@@ -146,14 +122,14 @@ def missing_property(tmp: Path):
 def property_mismatch(tmp: Path):
     from facerec.data import RecordDataset
 
-    RecordDataset(_rec_folder(tmp), num_classes=4)
+    RecordDataset(write_rec_folder(tmp), num_classes=4)
 
 
 @case("training data", "a label >= num_classes in the records", ValueError, r"has label 2, outside \[0, 2\)")
 def label_out_of_range(tmp: Path):
     from facerec.data import RecordDataset
 
-    rec = _rec_folder(tmp)
+    rec = write_rec_folder(tmp)
     (rec / "property").write_text("2,112,112")
     dataset = RecordDataset(rec, num_classes=2)
     for index in range(len(dataset)):

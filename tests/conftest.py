@@ -1,6 +1,7 @@
 """Shared test set-up: one CPU thread per process, W&B offline, composed real configs."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -15,15 +16,13 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from facerec.config import compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config from here)
+from facerec.config import DATA_DIR, REPO_ROOT, compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config and REPO_ROOT from here)
 
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 register_resolvers()
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
-SHARED_DATA = Path(os.environ.get("FACEREC_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 # conf/experiment/smoke.yaml: seconds per run on one CPU thread.
 TINY_RUN = ["experiment=smoke"]
@@ -32,18 +31,40 @@ TINY_RUN = ["experiment=smoke"]
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (LFW, ORL). Skipped where absent, except in CI, where it must exist."""
-    if not (SHARED_DATA / "lfw").is_dir():
+    if not (DATA_DIR / "lfw").is_dir():
         if os.environ.get("CI"):
-            pytest.fail(f"real face data expected at {SHARED_DATA} in CI")
-        pytest.skip(f"real face data not found at {SHARED_DATA}")
-    return SHARED_DATA
+            pytest.fail(f"real face data expected at {DATA_DIR} in CI")
+        pytest.skip(f"real face data not found at {DATA_DIR}")
+    return DATA_DIR
 
 
-def run_script(args: list[str], cwd: Path = REPO_ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a repo script (train.py, eval.py, ...) in a fresh interpreter; fail with its output."""
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """The dir of one finished TINY_RUN epoch (logger=csv), shared by the tests that only read it."""
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's csv/metrics.csv (logger=csv or wandb_csv), as written."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], key: str) -> list[float]:
+    """The logged values of one metric, in row order."""
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+def run_script(
+    args: list[str], cwd: Path = REPO_ROOT, timeout: float = 600, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a repo script (train.py, eval.py, ...) in a fresh interpreter, with `env` added to this
+    process's environment; fail with its output unless it succeeds or `check` is off."""
     result = subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

@@ -31,3 +31,23 @@ def write_image(path: Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
     return path
+
+
+def write_rec_folder(tmp: Path, identities: int = 3) -> Path:
+    """tmp/rec: a converter-written RecordIO training set of tmp/faces (4 JPEGs per identity)."""
+    from facerec.data.convert import folder_to_rec
+
+    folder_to_rec(write_jpeg_folder(tmp / "faces", identities=identities, per_identity=4), tmp / "rec")
+    return tmp / "rec"
+
+
+def corrupt_record(rec: Path, record: int = 6) -> Path:
+    """Zero part of one image record's JPEG data in place (its framing and image header intact)."""
+    from facerec.data.recordio import read_index
+
+    keys, offsets = read_index(rec / "train.idx")
+    (offset,) = offsets[keys == record]
+    raw = bytearray((rec / "train.rec").read_bytes())
+    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)  # past framing and image header
+    (rec / "train.rec").write_bytes(bytes(raw))
+    return rec

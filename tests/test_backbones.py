@@ -1,7 +1,6 @@
 """Backbones: shapes, insightface weight compatibility, save/load, precision options, configs, training."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import TINY_RUN, compose_config, run_script
+from conftest import TINY_RUN, column, compose_config, read_metrics, run_script
 from facerec.backbones import build, list_backbones
 from facerec.checkpoints import load_backbone
 
@@ -187,6 +186,5 @@ def test_train_iresnet18_on_cpu_then_reload(tmp_path):
     backbone, config = load_backbone(tmp_path / "checkpoints" / "last.ckpt")
     assert config["model"]["name"] == "iresnet18"
     assert backbone(torch.randn(1, 3, 112, 112)).shape == (1, 512)
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    losses = column(read_metrics(tmp_path), "train/loss")
     assert len(losses) == 2  # 8 images / batch 4

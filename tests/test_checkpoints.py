@@ -4,13 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_script
 from facerec.checkpoints import load_backbone
 
 
-def test_backbone_round_trip_from_a_training_checkpoint(tmp_path):
-    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}"])
-    path = tmp_path / "checkpoints" / "last.ckpt"
+def test_backbone_round_trip_from_a_training_checkpoint(trained_run):
+    path = trained_run / "checkpoints" / "last.ckpt"
     backbone, config = load_backbone(path)
     assert config["model"]["name"] == "tiny" and not backbone.training
     state = torch.load(path, weights_only=True)["state_dict"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import smooth_image, write_image, write_jpeg_folder
+from data_helpers import corrupt_record, smooth_image, write_image, write_jpeg_folder, write_rec_folder
 from facerec.data import BinVerificationSet, DecodeError, ImageFolderDataset, LfwPairs, RecordDataset, unpack_record
 from facerec.data.convert import folder_to_rec, pairs_to_bin
 
@@ -67,16 +67,10 @@ def test_other_formats_are_fitted_and_reencoded(tmp_path):
 
 
 def test_corrupt_record_in_the_middle_is_skipped_and_counted(tmp_path, caplog):
-    write_jpeg_folder(tmp_path / "faces", identities=3, per_identity=4)
-    folder_to_rec(tmp_path / "faces", tmp_path / "rec")
-    dataset = RecordDataset(tmp_path / "rec", num_classes=3, flip=False)
+    rec = write_rec_folder(tmp_path)
+    dataset = RecordDataset(rec, num_classes=3, flip=False)
     clean = [dataset[i] for i in range(len(dataset))]
-    # Overwrite the entropy-coded data of image record 6 in place (framing and header intact).
-    offset = dataset.reader.offsets[dataset.reader.row(6)]
-    rec_file = tmp_path / "rec" / "train.rec"
-    raw = bytearray(rec_file.read_bytes())
-    raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)
-    rec_file.write_bytes(bytes(raw))
+    corrupt_record(rec, record=6)  # the entropy-coded data of image record 6, overwritten in place
 
     dataset = RecordDataset(tmp_path / "rec", num_classes=3, flip=False)
     samples = [dataset[i] for i in range(len(dataset))]

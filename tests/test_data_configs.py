@@ -1,13 +1,12 @@
 """Dataset and verification-set configs compose and instantiate; train.py runs on real LFW and ORL."""
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 from hydra.utils import instantiate
 
-from conftest import CONF_DIR, compose_config, run_script
+from conftest import CONF_DIR, column, compose_config, read_metrics, run_script
 from data_helpers import write_jpeg_folder
 from facerec.data import BinVerificationSet, LfwPairs, write_bin
 from facerec.data.convert import folder_to_rec
@@ -102,11 +101,10 @@ def test_lfw_devtrain_trains_on_real_lfw(shared_data, tmp_path):
         ]
     )
     assert "held-out verification lfw_devtest: accuracy" in out.stdout
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    scales = [float(r["train/s"]) for r in rows if r.get("train/s")]
+    rows = read_metrics(tmp_path)
+    scales = column(rows, "train/s")
     assert scales[0] == pytest.approx(math.sqrt(2) * math.log(4038 - 1), rel=1e-5)  # C = 4,038 DevTrain people
-    accuracy = [float(r["val/lfw_devtest/accuracy"]) for r in rows if r.get("val/lfw_devtest/accuracy")]
+    accuracy = column(rows, "val/lfw_devtest/accuracy")
     assert len(accuracy) == 1 and 0.5 < accuracy[0] <= 1  # even 3 steps beat chance on pixel similarity
     log = (tmp_path / "train.log").read_text()
     assert "pairsDevTest.txt:585: skipped pair" in log and "9525 images of 4038 identities" in log

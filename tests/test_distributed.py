@@ -3,14 +3,12 @@ config. SLURM is simulated: its environment variables, and fake `scontrol`/`sbat
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_RUN, run_script
+from conftest import TINY_RUN, run_script
 from facerec.cluster import slurm_job_id
 
 SLURM_TASK = {
@@ -31,22 +29,10 @@ def fake_command(directory: Path, name: str, script: str) -> None:
     path.chmod(0o755)
 
 
-def run(args: list[str], env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """train.py ... in a fresh interpreter with extra environment variables."""
-    if env is None:
-        return run_script(args)
-    result = subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env}
-    )
-    if check and result.returncode:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
 @pytest.mark.slow
 def test_a_two_process_run_writes_one_run_dir_and_resumes_on_one_process(tmp_path):
     sharded = [*TINY_RUN, "sharding=partial_fc", f"paths.log_dir={tmp_path}"]
-    out = run(["train.py", *sharded, "trainer=ddp_cpu", "trainer.devices=2", "logger=wandb_csv"])
+    out = run_script(["train.py", *sharded, "trainer=ddp_cpu", "trainer.devices=2", "logger=wandb_csv"])
     runs = list((tmp_path / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # the second rank ran in the first one's dir, without a config of its own
     run_dir = runs[0]
@@ -64,7 +50,7 @@ def test_a_two_process_run_writes_one_run_dir_and_resumes_on_one_process(tmp_pat
         copy.mkdir()
         ckpt = copy / "last.ckpt"
         ckpt.write_bytes((run_dir / "checkpoints" / "last.ckpt").read_bytes())
-        out = run(["train.py", *TINY_RUN, *sharding, "logger=csv", f"hydra.run.dir={copy}", f"ckpt_path={ckpt}", "trainer.max_epochs=3"])
+        out = run_script(["train.py", *TINY_RUN, *sharding, "logger=csv", f"hydra.run.dir={copy}", f"ckpt_path={ckpt}", "trainer.max_epochs=3"])
         assert "finished after 20 steps" in out.stdout  # one more epoch of 10 steps on one process
         resumed[name] = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for key, value in resumed["plain"].items():
@@ -72,7 +58,7 @@ def test_a_two_process_run_writes_one_run_dir_and_resumes_on_one_process(tmp_pat
 
 
 def test_a_multirun_does_not_start_ddp_ranks_itself(tmp_path):
-    result = run(
+    result = run_script(
         ["train.py", "-m", *TINY_RUN, "trainer=ddp_cpu", "seed=1,2", "logger=csv", f"paths.log_dir={tmp_path}"],
         env={}, check=False,
     )
@@ -99,13 +85,13 @@ def test_a_slurm_job_requeues_itself_and_resumes_in_its_run_dir(tmp_path):
     # The same command both times, as a requeued job runs it: SLURM's warning signal arrives in step 5.
     command = ["train.py", *TINY_RUN, "logger=csv", f"paths.log_dir={tmp_path}",
                "fault_injection.signal_at_step=5", "fault_injection.signal=SIGUSR1"]
-    out = run(command, env)
+    out = run_script(command, env=env)
     assert "held-out verification" not in out.stdout  # stopped early
     run_dir = tmp_path / "train" / "runs" / "slurm-4242"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
-    out = run(command, env)
+    out = run_script(command, env=env)
     assert "was requeued: resuming from" in out.stderr + (run_dir / "train.log").read_text()
     assert "finished after 20 steps" in out.stdout
     assert [p.name for p in (tmp_path / "train" / "runs").iterdir()] == ["slurm-4242"]
@@ -118,7 +104,7 @@ def test_the_slurm_launcher_submits_one_task_per_gpu_with_the_requeue_signal(tmp
     bin_dir.mkdir()
     fake_command(bin_dir, "srun", "exit 0\n")
     fake_command(bin_dir, "sbatch", f'cp "$1" {tmp_path / "job.sh"}\nexit 1\n')  # capture, then refuse
-    result = run(
+    result = run_script(
         ["train.py", "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=4",
          "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600", f"paths.log_dir={tmp_path}"],
         env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, check=False,

@@ -1,7 +1,6 @@
 """eval.py end to end on checkpoints trained by train.py; its bad-input errors; the verification sets."""
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ from hydra import initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import CONF_DIR, TINY_RUN, compose_config, run_script
+from conftest import CONF_DIR, TINY_RUN, compose_config, read_metrics, run_script
 from facerec.data import VerificationSet
 from facerec.evaluation import verify
 from facerec.evaluation.evaluate import compose_verification_sets, evaluate
@@ -30,8 +29,7 @@ def train_checkpoint(run_dir, *overrides) -> tuple:
     run_script(["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={run_dir}", *overrides])
     (best,) = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
     epoch = torch.load(best, weights_only=True)["epoch"]
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        (validation,) = [r for r in csv.DictReader(f) if r.get("val/accuracy_mean") and int(r["epoch"]) == epoch]
+    (validation,) = [r for r in read_metrics(run_dir) if r.get("val/accuracy_mean") and int(r["epoch"]) == epoch]
     return best, validation
 
 

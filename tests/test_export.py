@@ -8,16 +8,14 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import TINY_RUN, run_script
+from conftest import run_script
 from facerec.backbones import build
 from facerec.export import export_checkpoint
 
 
 @pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("train")
-    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}"])
-    return run_dir / "checkpoints" / "last.ckpt"
+def trained_checkpoint(trained_run) -> Path:
+    return trained_run / "checkpoints" / "last.ckpt"
 
 
 def read_card(path: Path) -> tuple[dict, str]:

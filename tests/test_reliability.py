@@ -1,8 +1,8 @@
 """Preemption signals, atomic checkpoint writes, non-finite guards, refusing code in files, no secrets."""
 from __future__ import annotations
 
-import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +66,8 @@ def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     torch.save({"state_dict": {}, "payload": WritesAFile(marker)}, ckpt)
     with pytest.raises(ValueError, match="weights-only"):
         load_checkpoint(ckpt)
-    result = subprocess.run(
-        [sys.executable, "train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={ckpt}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    result = run_script(
+        ["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={ckpt}"], timeout=300, check=False
     )
     assert result.returncode != 0 and "weights-only" in result.stderr
     assert not marker.exists()
@@ -80,10 +79,10 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"]["nonfinite_steps"] == 2 and ckpt["global_step"] == 20
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-    result = subprocess.run(
-        [sys.executable, "train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'b'}",
+    result = run_script(
+        ["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'b'}",
          "fault_injection.nonfinite_loss_steps=[3,4,5,6]", "max_consecutive_nonfinite=3"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        timeout=300, check=False,
     )
     assert result.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient (last at step 5: loss=nan, s=" in result.stderr
@@ -92,22 +91,20 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
 
 def test_the_wandb_key_never_reaches_logs_configs_or_checkpoints(tmp_path):
     secret = "0123456789abcdef0123456789abcdef01234567"
-    env = {**os.environ, "WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
-    subprocess.run(
-        [sys.executable, "train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=wandb_csv", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300,
+    run_script(
+        ["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=wandb_csv", f"hydra.run.dir={tmp_path}"],
+        timeout=300, env={"WANDB_API_KEY": secret, "WANDB_MODE": "offline"},
     )
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 10
     assert not [p for p in files if secret.encode() in p.read_bytes()]
 
 
-def test_resuming_into_a_different_class_set_is_refused(tmp_path):
-    run_script(["train.py", *TINY_RUN, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}"])
-    result = subprocess.run(
-        [sys.executable, "train.py", *TINY_RUN, "logger=csv", "dataset.num_classes=19", f"hydra.run.dir={tmp_path}",
-         "ckpt_path=last"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+def test_resuming_into_a_different_class_set_is_refused(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)
+    result = run_script(
+        ["train.py", *TINY_RUN, "logger=csv", "dataset.num_classes=19", f"hydra.run.dir={tmp_path}", "ckpt_path=last"],
+        timeout=300, check=False,
     )
     assert result.returncode != 0
     assert "dataset.num_classes: checkpoint 20, config 19" in result.stderr

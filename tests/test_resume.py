@@ -2,13 +2,12 @@
 an uninterrupted run ends (weights bitwise, logged metrics identical)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, read_metrics, run_script
 
 RUN = [*TINY_RUN, "trainer.max_epochs=3", "trainer.deterministic=true", "logger=wandb_csv", "model.dropout=0.2"]
 # dynamic uncapped: capped at its start, s would sit there in a run this short and prove nothing
@@ -16,9 +15,7 @@ SCALES = {"fixed": ["scale=fixed"], "dynamic": ["scale=dynamic", "scale.max_scal
 
 
 def metrics_by_step(run_dir: Path) -> dict[tuple[str, str], str]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return {(row["step"], key): value for row in rows for key, value in row.items() if value and key != "step"}
+    return {(row["step"], key): value for row in read_metrics(run_dir) for key, value in row.items() if value and key != "step"}
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 (hand-computed, checkpointed, synchronised over DDP) and every margin x policy from the configs."""
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import math
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO_ROOT, TINY_RUN, compose_config, run_script
+from conftest import REPO_ROOT, TINY_RUN, column, compose_config, read_metrics, run_script
 from facerec.heads import (
     ArcFace,
     AutoMarginScale,
@@ -173,8 +172,7 @@ def test_dynamic_scale_is_logged_and_checkpointed_by_train_py(tmp_path):
     # the cap raised from the starting value (its default), so s can move both ways here
     overrides = ["trainer.max_epochs=1", "scale=dynamic", "scale.max_scale=100", "logger=csv"]
     run_script(["train.py", *TINY_RUN, *overrides, f"hydra.run.dir={tmp_path}"])
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        logged = [float(row["train/s"]) for row in csv.DictReader(f) if row.get("train/s")]
+    logged = column(read_metrics(tmp_path), "train/s")
     assert len(logged) == 10 and len(set(logged)) > 1  # one s per step, and it moves
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["head.scale.s"].item() == pytest.approx(logged[-1], rel=1e-6)

@@ -2,12 +2,11 @@
 throughput benchmark runs in a tiny configuration and prints its figures (it times nothing here)."""
 from __future__ import annotations
 
-import csv
 import json
 
 import torch
 
-from conftest import TINY_RUN, compose_config, run_script
+from conftest import TINY_RUN, compose_config, read_metrics, run_script
 from facerec.checkpoints import load_backbone
 from facerec.training import build_module
 
@@ -22,8 +21,7 @@ def test_compiled_fused_run_keeps_checkpoint_keys_and_logs_every_n_steps(tmp_pat
     assert state.keys() == expected.keys()  # no `_orig_mod.` anywhere
     backbone, _ = load_backbone(tmp_path / "checkpoints" / "last.ckpt")
     assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 128)
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    rows = [row for row in read_metrics(tmp_path) if row.get("train/loss")]
     # 10 steps, logged at steps 5 and 10: the loss with the diagnostics, not every step
     assert [int(row["step"]) for row in rows] == [4, 9]
     assert all(row["train/theta_med"] and row["train/s"] for row in rows)

@@ -1,22 +1,12 @@
 """End-to-end training through the real entry point (train.py) on the synthetic default."""
 from __future__ import annotations
 
-import csv
 import glob
 from pathlib import Path
 
 import torch
 
-from conftest import TINY_RUN, run_script
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows, key) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
+from conftest import TINY_RUN, column, read_metrics, run_script
 
 
 def test_train_runs_logs_and_checkpoints(tmp_path):

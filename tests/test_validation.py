@@ -1,12 +1,11 @@
 """Validation during training: every N steps, per-set metrics and their mean, ROC and table in W&B."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
-from conftest import TINY_RUN, run_script
+from conftest import TINY_RUN, read_metrics, run_script
 
 
 def wandb_tables(run: Path, key: str) -> list[dict]:
@@ -18,8 +17,7 @@ def wandb_tables(run: Path, key: str) -> list[dict]:
 
 def test_validation_every_n_steps_reaches_csv_and_wandb(tmp_path):
     run_script(["train.py", *TINY_RUN, "logger=wandb_csv", "trainer.val_check_interval=5", f"hydra.run.dir={tmp_path}"])
-    with open(tmp_path / "csv" / "metrics.csv") as f:
-        validations = [row for row in csv.DictReader(f) if row.get("val/accuracy_mean")]
+    validations = [row for row in read_metrics(tmp_path) if row.get("val/accuracy_mean")]
     assert [int(row["step"]) for row in validations] == [4, 9, 14, 19]  # every 5 of the 2 x 10 steps
     for row in validations:
         assert row["val/accuracy_mean"] == row["val/synthetic_heldout/accuracy"]  # one set: the mean is its accuracy
