@@ -9,7 +9,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from facerec.training import train
+    from facerec.training.fit import train
 
     metrics = train(cfg)
     # The value a Hydra sweeper (e.g. Optuna) optimises.

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from facerec.config import DATA_DIR  # noqa: E402
+from facerec.paths import DATA_DIR  # noqa: E402
 from facerec.data import ImageFolderDataset  # noqa: E402
 from facerec.data.decode import decode_image, normalise  # noqa: E402
 

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from facerec.config import DATA_DIR  # noqa: E402
+from facerec.paths import DATA_DIR  # noqa: E402
 from facerec.data import RecordDataset  # noqa: E402
 from facerec.data.convert import folder_to_rec  # noqa: E402
 

@@ -54,11 +54,12 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from facerec.config import DATA_DIR, compose_config, instantiate_all
+from facerec.config import compose_config, instantiate_all
+from facerec.paths import DATA_DIR
 from facerec.data import FaceDataModule, RecordDataset, SyntheticIdentities
 from facerec.data.convert import folder_to_rec
-from facerec.module import total_grad_norm
-from facerec.training import build_module, compile_model, configure_torch
+from facerec.training.module import total_grad_norm
+from facerec.training.fit import build_module, compile_model, configure_torch
 
 PATHS = ("raw", "raw+guard", "lightning/bare", "lightning", "lightning/1")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}

@@ -1,7 +1,6 @@
 """Hydra glue: custom resolvers, instantiation of config groups holding several objects, composing the configs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -12,9 +11,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# the real face data: paths.data_dir of conf/paths/default.yaml, for code that runs without the configs
-DATA_DIR = Path(os.environ.get("FACEREC_DATA", REPO_ROOT.parent / "shared" / "data"))
+from facerec.paths import REPO_ROOT
 
 
 def _run_group() -> str:
@@ -54,8 +51,8 @@ def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     `runs_dir` holding checkpoints/last.ckpt, and an explicit checkpoint of a train.py run dir
     picks that dir. Otherwise a new directory `runs_dir/stamp`; in a SLURM job `runs_dir/slurm-<job
     id>` instead, the same for all its tasks and after every requeue of the job."""
-    from facerec.checkpoints import find_last_checkpoint
-    from facerec.cluster import slurm_job_id
+    from facerec.training.checkpoints import find_last_checkpoint
+    from facerec.training.cluster import slurm_job_id
 
     job_id = slurm_job_id()
     fresh = str(Path(runs_dir) / (f"slurm-{job_id}" if job_id else stamp))
@@ -75,7 +72,7 @@ def _config_subdir() -> str | None:
     job saves it (Lightning's own launcher passes `hydra.output_subdir=null` to the other ranks)."""
     from datetime import datetime
 
-    from facerec.cluster import slurm_rank
+    from facerec.training.cluster import slurm_rank
 
     if slurm_rank() > 0:
         return None

@@ -209,8 +209,8 @@ def unknown_key(tmp: Path):
 def embedding_size(tmp: Path):
     from hydra.utils import instantiate
 
-    from facerec.checks import check_data_and_model
-    from facerec.training import build_module
+    from facerec.training.checks import check_data_and_model
+    from facerec.training.fit import build_module
 
     cfg = _compose(tmp, "head.embedding_size=64")
     check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
@@ -220,8 +220,8 @@ def embedding_size(tmp: Path):
 def image_size(tmp: Path):
     from hydra.utils import instantiate
 
-    from facerec.checks import check_data_and_model
-    from facerec.training import build_module
+    from facerec.training.checks import check_data_and_model
+    from facerec.training.fit import build_module
 
     cfg = _compose(tmp, "model.input_size=64")
     check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
@@ -229,14 +229,14 @@ def image_size(tmp: Path):
 
 @case("config", "YAML's spelling of infinity on the command line: scale=dynamic scale.max_scale=.inf", Exception, r"scale\.max_scale must be a number > 0 \(inf: no cap")
 def max_scale_string(tmp: Path):
-    from facerec.training import build_module
+    from facerec.training.fit import build_module
 
     build_module(_compose(tmp, "scale=dynamic", "scale.max_scale=.inf"))
 
 
 @case("config", "a margin value for a head without margin: head=normface +head.m=0.3", Exception, r"NormFace has no margin parameters")
 def margin_on_normface(tmp: Path):
-    from facerec.training import build_module
+    from facerec.training.fit import build_module
 
     build_module(_compose(tmp, "head=normface", "+head.m=0.3"))
 
@@ -244,7 +244,7 @@ def margin_on_normface(tmp: Path):
 # ----------------------------------------------------------------- checkpoints
 @case("checkpoints", "malicious .ckpt (a pickle that would create a file)", ValueError, r"weights-only")
 def malicious_ckpt(tmp: Path):
-    from facerec.checkpoints import load_checkpoint
+    from facerec.training.checkpoints import load_checkpoint
 
     torch.save({"state_dict": {}, "x": WritesAFile(tmp / "pwned")}, tmp / "evil.ckpt")
     _refused_without_running(load_checkpoint, tmp / "evil.ckpt", tmp / "pwned")
@@ -252,7 +252,7 @@ def malicious_ckpt(tmp: Path):
 
 @case("checkpoints", "a checkpoint not written by train.py", ValueError, r"holds no facerec run config")
 def foreign_ckpt(tmp: Path):
-    from facerec.checkpoints import load_backbone
+    from facerec.training.checkpoints import load_backbone
 
     torch.save({"state_dict": {}}, tmp / "other.ckpt")
     load_backbone(tmp / "other.ckpt")
@@ -262,7 +262,7 @@ def foreign_ckpt(tmp: Path):
 def resume_other_classes(tmp: Path):
     from omegaconf import OmegaConf
 
-    from facerec.training import check_resume_compatible
+    from facerec.training.fit import check_resume_compatible
 
     saved = OmegaConf.to_container(_compose(tmp), resolve=True)
     check_resume_compatible(_compose(tmp, "dataset.num_classes=19"), {"facerec_config": saved}, tmp / "last.ckpt")
@@ -270,7 +270,7 @@ def resume_other_classes(tmp: Path):
 
 @case("checkpoints", "ckpt_path pointing at no file", FileNotFoundError, r"ckpt_path=.*no such checkpoint file")
 def missing_ckpt(tmp: Path):
-    from facerec.training import resolve_ckpt_path
+    from facerec.training.fit import resolve_ckpt_path
 
     resolve_ckpt_path(_compose(tmp, f"ckpt_path={tmp / 'nope.ckpt'}"))
 

@@ -16,7 +16,8 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from facerec.config import DATA_DIR, REPO_ROOT, compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config and REPO_ROOT from here)
+from facerec.config import compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config from here)
+from facerec.paths import DATA_DIR, REPO_ROOT  # noqa: E402, F401  (and the paths)
 
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import TINY_RUN, column, compose_config, read_metrics, run_script
 from facerec.backbones import build, list_backbones
-from facerec.checkpoints import load_backbone
+from facerec.training.checkpoints import load_backbone
 
 FIXTURE = Path(__file__).parent / "fixtures" / "insightface_backbone_keys.json"
 INSIGHTFACE_NAMES = {"r18": "iresnet18", "r50": "iresnet50", "r100": "iresnet100", "mbf": "mobilefacenet"}

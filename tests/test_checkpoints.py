@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from facerec.checkpoints import load_backbone
+from facerec.training.checkpoints import load_backbone
 
 
 def test_backbone_round_trip_from_a_training_checkpoint(trained_run):

@@ -1,4 +1,4 @@
-"""facerec.compare on fabricated multirun logs, and once on a real tiny multirun."""
+"""facerec.tools.compare on fabricated multirun logs, and once on a real tiny multirun."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import TINY_RUN, run_script
-from facerec import compare
+from facerec.tools import compare
 
 VAL = "val/synthetic_heldout"
 COLUMNS = ["epoch", "step", "train/loss", "train/s", "train/theta_med", "train/p_target", "train/top1",
@@ -44,7 +44,7 @@ def write_run(run_dir: Path, overrides: list[str], accuracy: list[float], s: flo
 
 
 def log(hms: str, message: str = "something") -> str:
-    return f"[2026-01-01 {hms},000][facerec.training][INFO] - {message}"
+    return f"[2026-01-01 {hms},000][facerec.training.fit][INFO] - {message}"
 
 
 START = "Seed set to 0"
@@ -157,7 +157,7 @@ def test_a_run_without_csv_is_named(tmp_path):
 def test_compare_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     run_script(["train.py", "-m", *TINY_RUN, "logger=csv", "scale=fixed,auto", f"hydra.sweep.dir={sweep}"])
-    out = run_script(["-m", "facerec.compare", str(sweep)]).stdout
+    out = run_script(["-m", "facerec.tools.compare", str(sweep)]).stdout
     runs, keys = compare.load_runs([sweep])
     assert keys == ["scale"] and len(runs) == 2
     fixed, auto = compare.summarize(compare.group_runs(runs, keys))

@@ -5,7 +5,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import CONF_DIR, TINY_RUN, compose_config, run_script
-from facerec.training import build_module
+from facerec.training.fit import build_module
 
 GROUPS = ["dataset", "model", "head", "scale", "optim", "trainer", "logger", "callbacks"]
 
@@ -57,7 +57,7 @@ def test_unknown_option_lists_the_choices():
 def test_inconsistent_settings_fail_before_training(tmp_path):
     import re
 
-    from facerec.checks import check_data_and_model
+    from facerec.training.checks import check_data_and_model
 
     cases = {
         "head.embedding_size=64": "backbone yields embeddings of shape (128,) but the head expects (64,)",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_RUN, run_script
-from facerec.cluster import slurm_job_id
+from facerec.training.cluster import slurm_job_id
 
 SLURM_TASK = {
     "SLURM_JOB_ID": "4242",

@@ -9,8 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 
 from conftest import TINY_RUN, compose_config, run_script
-from facerec import compare
-from facerec.training import build_module
+from facerec.tools import compare
+from facerec.training.fit import build_module
 
 SCALES = "fixed,fixed64,auto,auto_margin,dynamic"
 
@@ -23,7 +23,7 @@ def sweeper_params() -> dict:
 def test_comparison_experiments_sweep_every_scale_and_log_csv(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     assert sweeper_params() == {"scale": SCALES, "seed": "0,1,2"}
-    assert set(cfg.logger) == {"wandb", "csv"}  # facerec.compare reads the CSV
+    assert set(cfg.logger) == {"wandb", "csv"}  # facerec.tools.compare reads the CSV
     assert cfg.head._target_ == "facerec.heads.CosFace" and cfg.head.m == 0.35
 
 

@@ -1,4 +1,4 @@
-"""python -m facerec.export: ONNX and TorchScript exports of a checkpoint's backbone, verified, with a card."""
+"""python -m facerec.tools.export: ONNX and TorchScript exports of a checkpoint's backbone, verified, with a card."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import run_script
 from facerec.backbones import build
-from facerec.export import export_checkpoint
+from facerec.tools.export import export_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def calibrated(name: str) -> nn.Module:
 def test_export_cli_writes_a_verified_onnx_model_and_its_card(trained_checkpoint, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     out = run_script(
-        ["-m", "facerec.export", f"ckpt_path={trained_checkpoint}", "format=onnx", f"hydra.run.dir={tmp_path}"]
+        ["-m", "facerec.tools.export", f"ckpt_path={trained_checkpoint}", "format=onnx", f"hydra.run.dir={tmp_path}"]
     )
     model_path = trained_checkpoint.with_suffix(".onnx")
     assert f"exported {model_path}: max abs diff from PyTorch" in out.stdout

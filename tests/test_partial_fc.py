@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT, compose_config, run_script
 from facerec.heads import AutoScale, CosFace, DynamicScale, PartialFC, ScalePolicy, angular_statistics, shard_range
-from facerec.training import build_module
+from facerec.training.fit import build_module
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
 import ddp_partial_fc as script  # noqa: E402

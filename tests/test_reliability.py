@@ -13,7 +13,7 @@ import torch
 
 from bad_inputs import WritesAFile
 from conftest import REPO_ROOT, TINY_RUN, run_script
-from facerec.checkpoints import AtomicCheckpointIO, load_checkpoint
+from facerec.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -27,7 +27,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 WRITER = """
 import sys, torch
-from facerec.checkpoints import AtomicCheckpointIO
+from facerec.training.checkpoints import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({"version": 1, "w": torch.ones(3)}, sys.argv[1])
 print("first saved", flush=True)

@@ -22,7 +22,7 @@ from facerec.heads import (
     SphereFace,
     auto_scale,
 )
-from facerec.training import build_module
+from facerec.training.fit import build_module
 
 CASIA = 10_575
 THETA0 = math.pi / 4

@@ -7,8 +7,8 @@ import json
 import torch
 
 from conftest import TINY_RUN, compose_config, read_metrics, run_script
-from facerec.checkpoints import load_backbone
-from facerec.training import build_module
+from facerec.training.checkpoints import load_backbone
+from facerec.training.fit import build_module
 
 
 def test_compiled_fused_run_keeps_checkpoint_keys_and_logs_every_n_steps(tmp_path):

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from facerec.checkpoints import load_backbone
+from facerec.training.checkpoints import load_backbone
 from facerec.data import VerificationSet
 from facerec.evaluation.embeddings import extract_embeddings
 from facerec.evaluation.report import format_table, plot_roc, write_results

@@ -10,8 +10,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facerec.checkpoints import LAST
-from facerec.cluster import requeue_slurm_job
+from facerec.training.checkpoints import LAST
+from facerec.training.cluster import requeue_slurm_job
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Compare the runs of Hydra multiruns on scale-invariant metrics: one figure and one Markdown table.
 
-    python -m facerec.compare logs/train/multiruns/<time> [more multirun dirs] [--out DIR]
+    python -m facerec.tools.compare logs/train/multiruns/<time> [more multirun dirs] [--out DIR]
 
 Each run's local CSV log (`csv/metrics.csv`, written by `logger=csv` or `logger=wandb_csv`) is read;
 W&B offline files are not needed (in wandb >= 0.16 they are binary protobuf). Runs are grouped by
@@ -107,7 +107,7 @@ def load_run(run_dir: Path) -> Run:
     metrics = run_dir / "csv" / "metrics.csv"
     if not metrics.is_file():
         raise FileNotFoundError(
-            f"{run_dir}: no csv/metrics.csv. facerec.compare reads CSV logs: train with logger=wandb_csv "
+            f"{run_dir}: no csv/metrics.csv. facerec.tools.compare reads CSV logs: train with logger=wandb_csv "
             "(W&B offline and CSV) or logger=csv."
         )
     overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
@@ -338,7 +338,7 @@ def compare(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m facerec.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m facerec.tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories (or single run dirs)")
     parser.add_argument("--out", type=Path, help="where to write <name>.png and <name>.md (default: the first dir)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"the compared validation metric (default {DEFAULT_METRIC})")
@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         figure_path, table_path, table = compare(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.far, args.name)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"facerec.compare: {error}") from None
+        raise SystemExit(f"facerec.tools.compare: {error}") from None
     print(table)
     print(f"\nwrote {figure_path} and {table_path}")
 

@@ -1,6 +1,6 @@
 """Export the backbone of a train.py checkpoint to ONNX or TorchScript, verified against PyTorch.
 
-    python -m facerec.export ckpt_path=logs/train/runs/.../checkpoints/last.ckpt format=onnx
+    python -m facerec.tools.export ckpt_path=logs/train/runs/.../checkpoints/last.ckpt format=onnx
 
 The exported model maps float32 (B, 3, S, S) RGB images, normalised as (x - 127.5) / 127.5,
 to (B, embedding_size) embeddings, with B free. Beside it goes a model card (`<model file>.md`):
@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig
 from torch import nn
 
-from facerec.checkpoints import load_backbone
+from facerec.training.checkpoints import load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def export_checkpoint(
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     result = export_checkpoint(
         cfg.ckpt_path, cfg.format, cfg.output_path, cfg.opset, cfg.verify_batch_size, cfg.atol, cfg.rtol

@@ -9,11 +9,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from facerec.checkpoints import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
-from facerec.checks import check_data_and_model, check_launch
-from facerec.cluster import slurm_job_id
+from facerec.training.checkpoints import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.training.checks import check_data_and_model, check_launch
+from facerec.training.cluster import slurm_job_id
 from facerec.config import instantiate_all
-from facerec.module import FaceRecognitionModule
+from facerec.training.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
 

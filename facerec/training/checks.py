@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from facerec.data import FaceDataModule
-from facerec.module import FaceRecognitionModule
+from facerec.training.module import FaceRecognitionModule
 
 
 def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModule) -> None:
