@@ -1,18 +1,25 @@
-"""Forward + backward time of each margin head against a plain nn.Linear + cross-entropy.
+"""Forward + backward time of every head against a plain nn.Linear + cross-entropy, and against the
+implementations a user would otherwise pick.
 
     python benchmarks/heads.py                  # B=256, d=512, C = 10,575 and 100,000, on CPU
     python benchmarks/heads.py --classes 85742 --repeats 9
 
-Every configuration is timed in the same run, interleaved round by round so that load
-from other processes hits all of them alike; the table reports the fastest step of each
-(the least disturbed one, as `timeit` advises) and the ratio to the plain linear layer
-(target: <= 1.3x for every head). The default clock is this process's CPU time on one
-thread: on a shared machine, wall-clock ratios swing with the other processes' load
-(`--clock wall --threads 2` measures wall time; CPU time counts busy-waiting threads).
+Our heads run `head.loss(embeddings, labels)`, the path training takes. The reference columns:
+pytorch-metric-learning's CosFaceLoss, ArcFaceLoss and SubCenterArcFaceLoss (the library itself,
+where installed: the dev extra), and, re-created here from their published code with plain
+autograd, the official AdaFace head (mk-minchul/AdaFace `head.py`: dense one-hot margins) and
+insightface arcface_torch's CombinedMarginLoss after a normalised linear layer (its ArcFace branch
+edits the logits in place under no_grad). Every configuration is timed in the same run, interleaved
+round by round so that load from other processes hits all of them alike; the table reports the
+fastest step of each (the least disturbed one, as `timeit` advises) and the ratio to the plain
+linear layer (target: <= 1.3x for every head). The default clock is this process's CPU time on one
+thread: on a shared machine, wall-clock ratios swing with the other processes' load (`--clock wall
+--threads 2` measures wall time; CPU time counts busy-waiting threads).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 
@@ -22,58 +29,146 @@ from torch import nn
 
 from facerec.heads import (
     AdaCos,
+    AdaFace,
     ArcFace,
     AutoMarginScale,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     DynamicScale,
+    ElasticFace,
     FixedScale,
+    MagFace,
     NormFace,
     SphereFace,
+    SubCenterArcFace,
 )
+
+S = 64.0  # the published s of the reference implementations; our heads use it too (the cost does not depend on s)
 
 # name -> builder(d, C); every head with the fixed scale, plus the policies that cost something.
 HEADS = {
-    "normface": lambda d, c: NormFace(d, c, scale=FixedScale(30.0)),
-    "cosface": lambda d, c: CosFace(d, c, scale=FixedScale(30.0)),
-    "arcface": lambda d, c: ArcFace(d, c, scale=FixedScale(30.0)),
-    "sphereface": lambda d, c: SphereFace(d, c, scale=FixedScale(30.0)),
-    "combined": lambda d, c: CombinedMargin(d, c, scale=FixedScale(30.0)),
+    "normface": lambda d, c: NormFace(d, c, scale=FixedScale(S)),
+    "cosface": lambda d, c: CosFace(d, c, scale=FixedScale(S)),
+    "arcface": lambda d, c: ArcFace(d, c, scale=FixedScale(S)),
+    "sphereface": lambda d, c: SphereFace(d, c, scale=FixedScale(S)),
+    "combined": lambda d, c: CombinedMargin(d, c, scale=FixedScale(S)),
     "cosface + auto_margin": lambda d, c: CosFace(d, c, scale=AutoMarginScale()),
     "cosface + dynamic": lambda d, c: CosFace(d, c, scale=DynamicScale()),
     "adacos + dynamic": lambda d, c: AdaCos(d, c, scale=DynamicScale()),
+    "adaface": lambda d, c: AdaFace(d, c, scale=FixedScale(S)),
+    "magface": lambda d, c: MagFace(d, c, scale=FixedScale(S)),
+    "elasticface (arc+)": lambda d, c: ElasticFace(d, c, scale=FixedScale(S), std=0.0175, plus=True),
+    "curricularface": lambda d, c: CurricularFace(d, c, scale=FixedScale(S)),
+    "subcenter arcface (K=3)": lambda d, c: SubCenterArcFace(d, c, scale=FixedScale(S)),
 }
+BASELINE = "nn.Linear + cross-entropy"
 
 
 class PlainLinear(nn.Module):
-    """The baseline: an unnormalised linear classifier, logits = x W^T."""
+    """The baseline: an unnormalised linear classifier, logits = x W^T, then cross-entropy."""
 
     def __init__(self, embedding_size: int, num_classes: int):
         super().__init__()
         self.linear = nn.Linear(embedding_size, num_classes, bias=False)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.linear(embeddings)
+        return F.cross_entropy(self.linear(embeddings), labels)
+
+
+class OfficialAdaFace(nn.Module):
+    """The official AdaFace head's formulas (dense one-hot margins), then cross-entropy."""
+
+    def __init__(self, embedding_size: int, num_classes: int, m=0.4, h=0.333, s=S, t_alpha=0.01, eps=1e-3):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(embedding_size, num_classes) * 0.01)
+        self.m, self.h, self.s, self.t_alpha, self.eps = m, h, s, t_alpha, eps
+        self.register_buffer("batch_mean", torch.ones(1) * 20)
+        self.register_buffer("batch_std", torch.ones(1) * 100)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        norms = embeddings.norm(dim=1, keepdim=True)
+        cosine = (embeddings / norms) @ F.normalize(self.kernel, dim=0)
+        cosine = cosine.clamp(-1 + self.eps, 1 - self.eps)
+        safe_norms = norms.clamp(0.001, 100).detach()
+        with torch.no_grad():
+            self.batch_mean = safe_norms.mean() * self.t_alpha + (1 - self.t_alpha) * self.batch_mean
+            self.batch_std = safe_norms.std() * self.t_alpha + (1 - self.t_alpha) * self.batch_std
+        margin_scaler = ((safe_norms - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1, 1)
+        one_hot = torch.zeros_like(cosine).scatter_(1, labels.view(-1, 1), 1.0)
+        theta = cosine.acos()
+        theta_m = (theta + one_hot * self.m * -margin_scaler).clamp(self.eps, math.pi - self.eps)
+        logits = theta_m.cos() - one_hot * (self.m + self.m * margin_scaler)
+        return F.cross_entropy(logits * self.s, labels)
+
+
+class ArcFaceTorchCombined(nn.Module):
+    """arcface_torch: a normalised linear layer, CombinedMarginLoss (m1=1, m2=0.5, m3=0: ArcFace), cross-entropy."""
+
+    def __init__(self, embedding_size: int, num_classes: int, m2=0.5, s=S):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.01)
+        self.m2, self.s = m2, s
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(F.normalize(embeddings), F.normalize(self.weight)).clamp(-1, 1)
+        index = torch.arange(len(labels))
+        with torch.no_grad():  # as published: the margin is applied in place, outside autograd
+            target_logit = logits[index, labels]
+            target_logit.arccos_()
+            logits.arccos_()
+            logits[index, labels] = target_logit + self.m2
+            logits.cos_()
+        return F.cross_entropy(logits * self.s, labels)
+
+
+class OurLoss(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.loss(embeddings, labels)[0]
+
+
+def references(dim: int, num_classes: int) -> dict[str, nn.Module]:
+    modules = {
+        "ref: official AdaFace head": OfficialAdaFace(dim, num_classes),
+        "ref: arcface_torch CombinedMarginLoss": ArcFaceTorchCombined(dim, num_classes),
+    }
+    try:
+        from pytorch_metric_learning import losses
+    except ImportError:  # the dev extra is not installed: leave those columns out
+        return modules
+    for name, loss in {
+        "ref: pml CosFaceLoss": losses.CosFaceLoss(num_classes=num_classes, embedding_size=dim, margin=0.35, scale=S),
+        "ref: pml ArcFaceLoss": losses.ArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=math.degrees(0.5), scale=S),
+        "ref: pml SubCenterArcFaceLoss (K=3)": losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=dim, margin=math.degrees(0.5), scale=S, sub_centers=3),
+    }.items():
+        modules[name] = loss
+    return modules
 
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def step(module: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, clock) -> float:
-    """Seconds for one forward + backward (loss = cross-entropy of the module's logits)."""
+    """Seconds for one forward + backward of the module's loss."""
     module.zero_grad(set_to_none=True)
     embeddings.grad = None
     start = clock()
-    F.cross_entropy(module(embeddings, labels), labels).backward()
+    module(embeddings, labels).backward()
     return clock() - start
 
 
 def benchmark(batch: int, dim: int, num_classes: int, repeats: int, clock) -> dict[str, float]:
-    """Fastest seconds per step for the baseline and every head at one class count."""
+    """Fastest seconds per step for the baseline, every head and every reference at one class count."""
     torch.manual_seed(0)
-    modules = {"nn.Linear + cross-entropy": PlainLinear(dim, num_classes)}
-    modules.update({name: build(dim, num_classes) for name, build in HEADS.items()})
-    embeddings = torch.randn(batch, dim, requires_grad=True)
+    modules = {BASELINE: PlainLinear(dim, num_classes)}
+    modules.update({name: OurLoss(build(dim, num_classes)) for name, build in HEADS.items()})
+    modules.update(references(dim, num_classes))
+    # embedding norms ~ 20-40, as a trained backbone gives them (AdaFace and MagFace read the norm)
+    embeddings = (torch.randn(batch, dim) * 1.3).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,))
     times: dict[str, list[float]] = {name: [] for name in modules}
     for round_ in range(repeats + 1):  # round 0 warms up (allocator, thread pool)
@@ -100,13 +195,25 @@ def main() -> None:
         f"B={args.batch}, d={args.dim}, fastest of {args.repeats} steps (forward + backward), {args.clock} time\n"
     )
     results = {c: benchmark(args.batch, args.dim, c, args.repeats, CLOCKS[args.clock]) for c in args.classes}
-    header = "| head | " + " | ".join(f"C={c:,}: ms | ratio" for c in args.classes) + " |"
+    header = "| head | " + " | ".join(f"C={c:,}: ms | vs Linear" for c in args.classes) + " |"
     print(header)
     print("|---|" + "---:|---:|" * len(args.classes))
-    baseline = "nn.Linear + cross-entropy"
     for name in results[args.classes[0]]:
-        cells = [f"{1e3 * results[c][name]:.1f} | {results[c][name] / results[c][baseline]:.2f}x" for c in args.classes]
+        cells = [f"{1e3 * results[c][name]:.1f} | {results[c][name] / results[c][BASELINE]:.2f}x" for c in args.classes]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    pairs = {  # ours -> the reference a user would otherwise pick
+        "cosface": "ref: pml CosFaceLoss",
+        "arcface": "ref: pml ArcFaceLoss",
+        "subcenter arcface (K=3)": "ref: pml SubCenterArcFaceLoss (K=3)",
+        "adaface": "ref: official AdaFace head",
+        "combined": "ref: arcface_torch CombinedMarginLoss",
+    }
+    print("\n| ours vs reference | " + " | ".join(f"C={c:,}" for c in args.classes) + " |")
+    print("|---|" + "---:|" * len(args.classes))
+    for ours, reference in pairs.items():
+        if reference in results[args.classes[0]]:
+            cells = [f"{results[c][ours] / results[c][reference]:.2f}x" for c in args.classes]
+            print(f"| {ours} / {reference[5:]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

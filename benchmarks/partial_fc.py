@@ -5,7 +5,7 @@
 
 Measured (CPU, one thread per process): one training step of the head alone (embeddings in,
 loss, backward, SGD with momentum) for the unsharded head (data parallel: every rank holds all C
-centres and its own batch) and for PartialFC on R = 1 and 2 ranks at sample rates 1.0 and 0.1,
+centres and its own batch) and for Partial FC on R = 1 and 2 ranks at sample rates 1.0 and 0.1,
 B = 128 samples per rank, d = 512. Memory: the growth of the process's peak resident set over the
 training steps (the class centres are built on the meta device and only this rank's rows are
 materialised, after the baseline), with glibc returning freed blocks at once. Time: this process's CPU time per step, the
@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
-from facerec.heads import CosFace, FixedScale, PartialFC, shard_range
+from facerec.heads import CosFace, FixedScale, partial_fc, shard_range
 
 D, B = 512, 128
 MIB = 2**20
@@ -43,15 +42,15 @@ def head_bytes(classes: int, world_size: int, rate: float | None, batch: int = B
     """Peak float32 bytes of the classifier on one rank during a training step with SGD momentum.
 
     rate None: the unsharded head (data parallel). Its centres, their gradient and momentum (3 C d),
-    and three (B, C) tensors: MarginLogits' output, cross-entropy's saved log-softmax and its gradient.
-    PartialFC: this rank's centres, gradient and momentum (3 C/R d; the gradient is dense, as in
+    and the one (B, C) buffer of the loss (cosines, logits, probabilities, then the gradient).
+    Partial FC: this rank's centres, gradient and momentum (3 C/R d; the gradient is dense, as in
     insightface's), the sampled centres and their gradient when rate < 1 (2 m d), and the one (N, m)
     buffer of the global batch N = R B against the m columns used.
     """
     if rate is None:
-        return 4 * (3 * classes * dim + 3 * batch * classes)
+        return 4 * (3 * classes * dim + batch * classes)
     rows = shard_range(classes, world_size, 0)[1]
-    columns = rows if rate == 1 else int(rate * rows)
+    columns = rows if rate == 1 else min(rows, max(int(rate * rows), world_size * batch))
     sampled = 2 * columns * dim if rate < 1 else 0
     return 4 * (3 * rows * dim + sampled + world_size * batch * columns)
 
@@ -59,7 +58,7 @@ def head_bytes(classes: int, world_size: int, rate: float | None, batch: int = B
 def step_flops(classes: int, world_size: int, rate: float | None, batch: int = B, dim: int = D) -> float:
     """Multiply-adds x 2 of the three matmuls of a step (cosines, dL/dx, dL/dW) on one rank."""
     rows = classes if rate is None else shard_range(classes, world_size, 0)[1]
-    columns = rows if rate in (None, 1) else int(rate * rows)
+    columns = rows if rate in (None, 1) else min(rows, max(int(rate * rows), world_size * batch))
     samples = batch if rate is None else world_size * batch
     return 3 * 2 * samples * columns * dim
 
@@ -67,7 +66,7 @@ def step_flops(classes: int, world_size: int, rate: float | None, batch: int = B
 def step_traffic(classes: int, world_size: int, rate: float | None, batch: int = B, dim: int = D) -> float:
     """Bytes one rank sends per step for the head (ring collectives: an all-reduce of n bytes sends
     2 (R - 1) / R n, an all-gather (R - 1) / R of the gathered n). Unsharded: DDP all-reduces the
-    centres' gradient. PartialFC: the embeddings' all-gather and their gradient's all-reduce (the
+    centres' gradient. Partial FC: the embeddings' all-gather and their gradient's all-reduce (the
     labels, batch sizes, target cosines, maxima and sums are (N,) vectors: also counted)."""
     share = (world_size - 1) / world_size
     if rate is None:
@@ -91,7 +90,7 @@ def _worker(rank: int, world_size: int, classes: int, rate: float | None, steps:
     with torch.device("meta"):  # no full (C, d) matrix on any rank: only this rank's rows are materialised
         head = CosFace(D, classes, scale=FixedScale(64.0))
     if rate is not None:
-        head = PartialFC(head, sample_rate=rate)
+        head = partial_fc(head, sample_rate=rate)
         head.shard()
     baseline = _current_rss()
     head.to_empty(device="cpu")
@@ -101,7 +100,7 @@ def _worker(rank: int, world_size: int, classes: int, rate: float | None, steps:
     for _ in range(steps):
         start = time.process_time()
         optimizer.zero_grad()  # set_to_none, as Lightning does: no gradient is accumulated into another
-        loss = F.cross_entropy(head(x, labels), labels) if rate is None else head.loss(x, labels)[0]
+        loss = head.loss(x, labels)[0]  # the one training path, dense or sharded
         loss.backward()
         optimizer.step()
         times.append(time.process_time() - start)

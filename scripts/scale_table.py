@@ -5,7 +5,7 @@ Each cell is s for one dataset's class count and one margin at theta0 = 45 deg, 
 """
 from __future__ import annotations
 
-from facerec.heads import ArcFace, CombinedMargin, CosFace, FixedScale, NormFace, SphereFace, auto_scale
+from facerec.heads import AdaFace, ArcFace, CombinedMargin, CosFace, FixedScale, MagFace, NormFace, SphereFace, auto_scale
 
 DATASETS = {"CASIA-WebFace": 10_575, "MS1MV2": 85_742, "MS1MV3": 93_431, "Glint360K": 360_232}
 # column title -> a head whose target logit f the margin-aware scale uses (normface: the plain auto scale)
@@ -15,6 +15,9 @@ MARGINS = {
     "ArcFace m=0.5": ArcFace(1, 3, scale=FixedScale(), m=0.5),
     "SphereFace m1=1.35": SphereFace(1, 3, scale=FixedScale(), m1=1.35),
     "combined (1, 0.3, 0.2)": CombinedMargin(1, 3, scale=FixedScale(), m1=1.0, m2=0.3, m3=0.2),
+    # the per-sample margins at their nominal value (each head's docstring says which)
+    "AdaFace m=0.4 (z = 0)": AdaFace(1, 3, scale=FixedScale(), m=0.4),
+    "MagFace (m = 0.625)": MagFace(1, 3, scale=FixedScale()),
 }
 
 

@@ -66,7 +66,7 @@ def test_other_formats_are_fitted_and_reencoded(tmp_path):
         assert difference.mean() < 1.5 and record[index][1] == folder[index][1]
 
 
-def test_corrupt_record_in_the_middle_is_skipped_and_counted(tmp_path, caplog):
+def test_corrupt_record_in_the_middle_is_replaced_and_counted(tmp_path, caplog):
     rec = write_rec_folder(tmp_path)
     dataset = RecordDataset(rec, num_classes=3, flip=False)
     clean = [dataset[i] for i in range(len(dataset))]
@@ -74,15 +74,18 @@ def test_corrupt_record_in_the_middle_is_skipped_and_counted(tmp_path, caplog):
 
     dataset = RecordDataset(tmp_path / "rec", num_classes=3, flip=False)
     samples = [dataset[i] for i in range(len(dataset))]
-    assert samples[5] is None and dataset.skipped == 1  # image index 5 is record 6
-    assert "train.rec record 6: corrupt JPEG" in caplog.text
+    assert dataset.replaced == 1  # image index 5 is record 6
+    assert "train.rec record 6: corrupt JPEG" in caplog.text and "replaced by sample" in caplog.text
+    # the replacement is another clean sample, the same one every time (resume and ranks agree)
+    assert any(torch.equal(samples[5][0], sample[0]) and samples[5][1] == sample[1] for i, sample in enumerate(clean) if i != 5)
+    assert torch.equal(RecordDataset(tmp_path / "rec", num_classes=3, flip=False)[5][0], samples[5][0])
     for index, sample in enumerate(samples):
         if index != 5:
             assert sample[1] == clean[index][1] and torch.equal(sample[0], clean[index][0])
     from facerec.data import FaceDataModule
 
     loader = FaceDataModule(3, dataset, batch_size=4, drop_last=False).train_dataloader()
-    assert sum(len(labels) for _, labels in loader) == 11  # the skipped record leaves its batch smaller
+    assert [len(labels) for _, labels in loader] == [4, 4, 4]  # every batch keeps its size
     with pytest.raises(DecodeError, match="train.rec record 6: corrupt JPEG"):
         RecordDataset(tmp_path / "rec", num_classes=3, strict=True)[5]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RUN, run_script
+from fault_injection import signal_at
+from conftest import TINY_RUN, read_metrics, run_script
 from facerec.training.cluster import slurm_job_id
 
 SLURM_TASK = {
@@ -84,7 +85,7 @@ def test_a_slurm_job_requeues_itself_and_resumes_in_its_run_dir(tmp_path):
     env = {**SLURM_TASK, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     # The same command both times, as a requeued job runs it: SLURM's warning signal arrives in step 5.
     command = ["train.py", *TINY_RUN, "logger=csv", f"paths.log_dir={tmp_path}",
-               "fault_injection.signal_at_step=5", "fault_injection.signal=SIGUSR1"]
+               signal_at(5, "SIGUSR1")]
     out = run_script(command, env=env)
     assert "held-out verification" not in out.stdout  # stopped early
     run_dir = tmp_path / "train" / "runs" / "slurm-4242"
@@ -114,3 +115,29 @@ def test_the_slurm_launcher_submits_one_task_per_gpu_with_the_requeue_signal(tmp
     expected = {"--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=600",
                 "--signal=USR1@120", "--requeue"}
     assert expected <= flags, (flags, result.stderr[-2000:])
+
+
+NEW_HEADS = ["adaface", "magface", "elasticface_arc", "curricularface", "subcenter_arcface"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", NEW_HEADS)
+def test_every_new_head_trains_class_sharded_on_two_processes(head, tmp_path):
+    out = run_script(
+        ["train.py", *TINY_RUN, f"head={head}", "sharding=partial_fc", "trainer=ddp_cpu", "trainer.devices=2",
+         "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={tmp_path}"]
+    )
+    assert "finished after 5 steps" in out.stdout
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    centres = 3 if head == "subcenter_arcface" else 1
+    assert state["head.weight"].shape == (20 * centres, 128)  # the full classifier, gathered from both ranks
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
+    buffers = {"adaface": ["head.batch_mean", "head.batch_std"], "curricularface": ["head.t"], "elasticface_arc": ["head.step"]}
+    for key in buffers.get(head, []):
+        assert key in state
+    if head == "elasticface_arc":
+        assert int(state["head.step"]) == 5  # one draw per step, the same on both ranks
+    rows = read_metrics(tmp_path)
+    logged = [row for row in rows if row.get("train/theta_med")]
+    assert logged and all(float(row["train/norm_mean"]) > 0 for row in logged)

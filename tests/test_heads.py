@@ -1,27 +1,37 @@
-"""Margin heads and scale policies: shapes, margin on the target only, s values, float32 logits."""
+"""Margin heads and scale policies: shapes, margin on the target only, s values, the fused loss
+(`head.loss`) against gradcheck and plain references, its statistics, and what advances the state."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from conftest import REPO_ROOT
 from facerec.heads import (
     AdaCos,
+    AdaFace,
     ArcFace,
     AutoMarginScale,
     AutoScale,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     DynamicScale,
+    ElasticFace,
     FixedScale,
-    MarginLogits,
+    MagFace,
     NormFace,
     SphereFace,
-    angular_statistics,
+    SubCenterArcFace,
     auto_scale,
 )
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
+import ddp_partial_fc  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -48,15 +58,28 @@ MARGINS = {
     "sphereface": (SphereFace, {"m1": 1.35}, lambda t: torch.cos(1.35 * t)),
     "combined": (CombinedMargin, {"m1": 1.1, "m2": 0.3, "m3": 0.2}, lambda t: torch.cos(1.1 * t + 0.3) - 0.2),
 }
+# Per-sample margins, changed non-target logits, several centres per class (formulas: their files);
+# the same list the 2-process Partial FC script runs.
+OTHER_HEADS = {name: spec for name, spec in ddp_partial_fc.HEADS.items() if name not in MARGINS}
+HEADS = [*MARGINS, *OTHER_HEADS]
 POLICIES = {"fixed": lambda: FixedScale(30.0), "auto_margin": AutoMarginScale, "dynamic": DynamicScale}
 every_margin_and_policy = pytest.mark.parametrize("margin,policy", [(m, p) for m in MARGINS for p in POLICIES])
+every_head_and_policy = pytest.mark.parametrize("name,policy", [(h, p) for h in HEADS for p in POLICIES])
+
+
+def make_head(name: str, embedding_size: int, num_classes: int, scale, **overrides) -> nn.Module:
+    head_cls, kwargs = MARGINS[name][:2] if name in MARGINS else OTHER_HEADS[name]
+    return head_cls(embedding_size, num_classes, scale=scale, **{**kwargs, **overrides})
 
 
 def build_head(margin: str, policy: str, seed: int):
     """A 16-d, 10-class head with that margin and policy, its weights drawn from `seed`."""
-    head_cls, kwargs, _ = MARGINS[margin]
     torch.manual_seed(seed)
-    return head_cls(16, 10, scale=POLICIES[policy](), **kwargs)
+    return make_head(margin, 16, 10, POLICIES[policy]())
+
+
+def buffers_of(head: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in head.named_buffers()}
 
 
 @every_margin_and_policy
@@ -65,7 +88,7 @@ def test_margin_touches_only_the_target(margin, policy):
     x = torch.randn(6, 16)
     labels = torch.tensor([0, 3, 9, 3, 5, 1])
     logits = head(x, labels)
-    s = head.scale.value  # the s of that forward pass (dynamic: updated by it)
+    s = head.scale.value  # the current s: the forward pass advances nothing (dynamic: the start)
     plain = head(x)  # no labels: scaled cosines, no margin
     assert logits.shape == plain.shape == (6, 10)
     cos = F.normalize(x) @ F.normalize(head.weight).T
@@ -79,25 +102,120 @@ def test_margin_touches_only_the_target(margin, policy):
     torch.testing.assert_close(logits[torch.arange(6), labels], s * reference(theta), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("margin", MARGINS)
-def test_hand_written_backward_passes_gradcheck(margin):
-    head_cls, kwargs, _ = MARGINS[margin]
+@pytest.mark.parametrize("name", HEADS)
+def test_forward_advances_nothing_and_loss_advances_every_buffer(name):
+    # uncapped dynamic scale: s moves; AdaFace's EMA, ElasticFace's step and CurricularFace's t too
+    head = make_head(name, 16, 10, DynamicScale(max_scale=math.inf))
+    x, labels = torch.randn(8, 16) * 5, torch.randint(0, 10, (8,))
+    before = buffers_of(head)
+    head(x, labels)
+    head(x)
+    for key, value in buffers_of(head).items():
+        assert torch.equal(value, before[key]), key
+    head.loss(x, labels)
+    changed = {key for key, value in buffers_of(head).items() if not torch.equal(value, before[key])}
+    assert changed == set(before)
+
+
+class HeadLoss(nn.Module):
+    """`head.loss` as a module's forward, for torch.func.functional_call."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.loss(embeddings, labels)[0]
+
+
+def loss_of_embeddings_and_centres(head: nn.Module, labels: torch.Tensor):
+    """head.loss(x, labels) as a function of (x, W) for gradcheck. Every evaluation starts from the
+    head's present buffers: loss() advances them (ElasticFace's step would draw new margins)."""
+    module, start = HeadLoss(head), {f"head.{name}": value for name, value in buffers_of(head).items()}
+
+    def loss(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        state = {name: value.clone() for name, value in start.items()}
+        return torch.func.functional_call(module, {"head.weight": weight, **state}, (x, labels))
+
+    return loss
+
+
+class RecomputedForEachBackward(torch.autograd.Function):
+    """`loss(x, W)` whose backward runs loss's forward and hand-written backward afresh. The fused
+    backward turns its saved (N, C) buffer into the gradient in place, so a graph takes one backward
+    call, and gradcheck makes two (its reentrancy check)."""
+
+    @staticmethod
+    def forward(ctx, loss, x, weight):
+        ctx.loss = loss
+        ctx.save_for_backward(x, weight)
+        return loss(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [tensor.detach().requires_grad_() for tensor in ctx.saved_tensors]
+        with torch.enable_grad():
+            return None, *torch.autograd.grad(ctx.loss(*inputs), inputs, grad)
+
+
+def gradcheck(loss, *inputs) -> bool:
+    return torch.autograd.gradcheck(lambda *tensors: RecomputedForEachBackward.apply(loss, *tensors), inputs)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_fused_loss_passes_gradcheck(name):
+    """MarginCrossEntropy's hand-written backward through `head.loss`, in float64, embeddings of
+    norms 15..90 (MagFace's margin moves with them; its regulariser is part of the loss)."""
     torch.manual_seed(2)
-    head = head_cls(5, 7, scale=FixedScale(3.0), **kwargs)
-    x_hat = F.normalize(torch.randn(6, 5, dtype=torch.float64)).requires_grad_()
-    weight = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)  # rows of any norm
+    # CurricularFace: t fixed at 0.3 through the check (momentum ~0). t's update is detached by
+    # design (the official code's no_grad), so a moving t is not a function gradcheck can test.
+    overrides = {"momentum": 1e-12} if name == "curricularface" else {}
+    head = make_head(name, 5, 7, FixedScale(3.0), **overrides).double()
+    if name == "adaface":  # standardised norms inside (-1, 1): the margin differs per sample
+        head.batch_mean.fill_(50.0)
+        head.batch_std.fill_(20.0)
+    if name == "curricularface":
+        head.t.fill_(0.3)
+    norms = torch.linspace(15, 90, 6, dtype=torch.float64).unsqueeze(1)
+    x = (F.normalize(torch.randn(6, 5, dtype=torch.float64)) * norms).requires_grad_()
+    weight = torch.randn(len(head.weight), 5, dtype=torch.float64, requires_grad=True)  # rows of any norm
     labels = torch.tensor([0, 3, 6, 3, 5, 1])
-    assert torch.autograd.gradcheck(MarginLogits.apply, (x_hat, weight, labels, head))
+    loss = loss_of_embeddings_and_centres(head, labels)
+    if name == "adaface":
+        # its margin input is the detached norm: a function of the directions at fixed norms
+        directions = F.normalize(x.detach()).requires_grad_()
+        assert gradcheck(lambda u, w: loss(F.normalize(u) * norms, w), directions, weight)
+    else:
+        assert gradcheck(loss, x, weight)
+    if name == "curricularface":  # the hard-negative branch is exercised
+        cos = F.normalize(x) @ F.normalize(weight).T
+        target = cos.gather(1, labels.view(-1, 1))
+        assert (cos > torch.cos(torch.acos(target) + head.m)).any()
 
 
+def test_adaface_detaches_its_margin_input_and_magface_does_not():
+    # AdaFace: the loss reaches x only through x / |x|, so its gradient is orthogonal to x.
+    # MagFace: the margin and the regulariser move the magnitude.
+    for head_cls, radial in [(AdaFace, False), (MagFace, True)]:
+        torch.manual_seed(0)
+        head = head_cls(8, 10, scale=FixedScale(30.0)).double()
+        x = (F.normalize(torch.randn(6, 8, dtype=torch.float64)) * 40).requires_grad_()
+        head.loss(x, torch.randint(0, 10, (6,)))[0].backward()
+        radial_part = (x.grad * F.normalize(x.detach())).sum(dim=1).abs()
+        assert (radial_part > 1e-6).all() if radial else (radial_part < 1e-12).all()
+
+
+@pytest.mark.parametrize("path", ["loss", "forward"])
 @pytest.mark.parametrize("margin", MARGINS)
-def test_float32_head_matches_a_float64_dense_one_hot_reference(margin):
+def test_float32_head_matches_a_float64_dense_one_hot_reference(margin, path):
     head_cls, kwargs, _ = MARGINS[margin]
     torch.manual_seed(1)
     head = head_cls(12, 30, scale=FixedScale(30.0), **kwargs)
     x = torch.randn(5, 12, requires_grad=True)
     labels = torch.tensor([1, 2, 3, 29, 0])
-    loss = F.cross_entropy(head(x, labels), labels)
+    # the fused training path, and the autograd margin logits
+    loss = head.loss(x, labels)[0] if path == "loss" else F.cross_entropy(head(x, labels), labels)
+    assert loss.dtype == torch.float32
     loss.backward()
     w = head.weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
@@ -111,29 +229,64 @@ def test_float32_head_matches_a_float64_dense_one_hot_reference(margin):
     torch.testing.assert_close(head.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6 * w.grad.abs().max().item())
 
 
-def test_angular_statistics_on_a_known_batch():
+def test_statistics_on_a_known_batch():
     head = CosFace(2, 4, scale=FixedScale(10.0), m=0.0)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
     angle = math.radians(30)
-    x = torch.tensor([[math.cos(angle), math.sin(angle)]])  # 30 deg from class 0, 60 from class 1
-    labels = torch.tensor([0])
-    stats = angular_statistics(head(x, labels), labels, head.target_cosine(x, labels), head.scale.value)
+    # sample 0: norm 2, 30 deg from class 0 (60, 150, 120 from the others); sample 1: norm 4,
+    # 30 deg from class 1 (120, 60, 150 from the others)
+    x = torch.tensor([[2 * math.cos(angle), 2 * math.sin(angle)], [-4 * math.sin(angle), 4 * math.cos(angle)]])
+    labels = torch.tensor([0, 1])
+    stats = head.loss(x, labels, statistics=True)[1]
+    assert set(stats) == {"theta_med", "theta_nontarget", "p_target", "top1", "s", "norm_mean", "norm_std"}
     assert stats["theta_med"].item() == pytest.approx(30.0, abs=1e-3)
     assert stats["theta_nontarget"].item() == pytest.approx((60 + 150 + 120) / 3, abs=1e-3)
     assert stats["top1"].item() == 1.0
     logits = 10 * torch.cos(torch.deg2rad(torch.tensor([30.0, 60.0, 150.0, 120.0])))
     assert stats["p_target"].item() == pytest.approx(torch.softmax(logits, 0)[0].item(), rel=1e-5)
+    assert stats["s"].item() == 10.0
+    assert stats["norm_mean"].item() == pytest.approx(3.0)
+    assert stats["norm_std"].item() == pytest.approx(math.sqrt(2))  # unbiased, as torch.std
 
 
-@every_margin_and_policy
-def test_angular_statistics_hold_for_every_margin_and_policy(margin, policy):
-    head = build_head(margin, policy, seed=1)
-    x, labels = torch.randn(7, 16), torch.randint(0, 10, (7,))
-    logits = head(x, labels)
-    stats = angular_statistics(logits, labels, head.target_cosine(x, labels), head.scale.value)
-    angles = torch.rad2deg(torch.acos(F.normalize(x) @ F.normalize(head.weight).T))
+def loss_and_step_logits(head: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    """head.loss(x, labels, statistics=True) and the (B, C) margin logits that step used: head(x, y)
+    at the state the loss computed them at -- after it where the state moves before the logits
+    (dynamic s, AdaFace's EMA, CurricularFace's t), before it for ElasticFace, whose step counts the
+    draws already taken."""
+    before = head(x, labels)
+    loss, stats = head.loss(x, labels, statistics=True)
+    return loss, stats, before if isinstance(head, ElasticFace) else head(x, labels)
+
+
+@every_head_and_policy
+def test_statistics_and_loss_are_those_of_the_step_logits(name, policy):
+    head = build_head(name, policy, seed=1)
+    x, labels = torch.randn(7, 16) * 5, torch.randint(0, 10, (7,))  # norms ~20: inside MagFace's range
+    loss, stats, logits = loss_and_step_logits(head, x, labels)
+    # computed plainly, in float64, from the cosines (the closest centre of each class)
+    cos = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
+    cos = cos.view(7, 10, head.centres_per_class).amax(dim=2)
+    angles = torch.rad2deg(torch.acos(cos))
     target = F.one_hot(labels, 10).bool()
-    torch.testing.assert_close(stats["theta_med"], angles[target].median(), atol=1e-3, rtol=0)
-    torch.testing.assert_close(stats["theta_nontarget"], angles[~target].mean(), atol=1e-3, rtol=0)
-    torch.testing.assert_close(stats["p_target"], torch.softmax(logits, 1)[target].median())
+    norms = x.double().norm(dim=1)
+    expected = {
+        "theta_med": angles[target].median(),
+        "theta_nontarget": angles[~target].mean(),
+        "p_target": torch.softmax(logits.double(), 1)[target].median(),
+        "top1": (cos[target] > cos.masked_fill(target, -math.inf).amax(dim=1)).double().mean(),
+        "s": torch.tensor(head.scale.value, dtype=torch.float64),  # the s this step used and set
+        "norm_mean": norms.mean(),
+        "norm_std": norms.std(),
+    }
+    regulariser = 0.0
+    if name == "magface":
+        magnitude = norms.clamp(head.l_a, head.u_a)
+        regulariser = head.lambda_g * (magnitude / head.u_a**2 + 1 / magnitude).mean()
+        expected["regulariser"] = regulariser
+    assert stats.keys() == expected.keys()
+    for key, value in expected.items():
+        atol = 1e-3 if key.startswith("theta") else 1e-5  # degrees from float32 cosines
+        torch.testing.assert_close(stats[key].double(), value, atol=atol, rtol=1e-5, msg=key)
+    torch.testing.assert_close(loss.double(), F.cross_entropy(logits.double(), labels) + regulariser, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,6 @@ from PIL import Image
 
 from data_helpers import smooth_image, write_image, write_jpeg_folder
 from facerec.data import DecodeError, ImageFolderDataset, ImageFolderPairs, LfwPairs, decode_image, read_pairs
-from facerec.data.datamodule import collate_skipping_none
 from facerec.data.image_folder import read_identity_list
 
 
@@ -76,19 +75,20 @@ def test_folder_skips_non_images_and_empty_identities(tmp_path, caplog):
         ImageFolderDataset(tmp_path / "nowhere")
 
 
-def test_corrupt_image_is_skipped_or_raises(tmp_path, caplog):
+def test_corrupt_image_is_replaced_or_raises(tmp_path, caplog):
     root = write_jpeg_folder(tmp_path / "faces", identities=2, per_identity=2)
     bad = root / "id01" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:600])
     dataset = ImageFolderDataset(root)
-    assert dataset[2] is None and dataset.skipped == 1
-    assert f"skipped {bad}: corrupt JPEG" in caplog.text
-    images, labels = collate_skipping_none([dataset[i] for i in range(4)])
-    assert images.shape == (3, 3, 112, 112) and labels.tolist() == [0, 0, 1]
+    image, label = dataset[2]
+    assert image.shape == (3, 112, 112) and dataset.replaced == 1
+    assert f"{bad}: corrupt JPEG" in caplog.text and "replaced by sample" in caplog.text
     with pytest.raises(DecodeError, match=f"{bad}: corrupt JPEG"):
         ImageFolderDataset(root, strict=True)[2]
-    with pytest.raises(RuntimeError, match="all 1 samples of a batch were skipped"):
-        collate_skipping_none([None])
+    for path in root.rglob("*.jpg"):
+        path.write_bytes(b"\xff\xd8 not an image")
+    with pytest.raises(RuntimeError, match="16 samples in a row did not decode"):
+        ImageFolderDataset(root)[0]
 
 
 def test_orl_greyscale_becomes_rgb_112(shared_data):

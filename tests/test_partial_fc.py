@@ -1,5 +1,5 @@
-"""The class-sharded head (Partial FC): shard layout, single-process equivalence, and two gloo
-processes against dense float64 references on the same global batch."""
+"""The class-sharded head (Partial FC, `partial_fc(head)`): shard layout, one-process equivalence,
+and two gloo processes against the dense head in one process on the same global batch (float64)."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, compose_config, run_script
-from facerec.heads import AutoScale, CosFace, DynamicScale, PartialFC, ScalePolicy, angular_statistics, shard_range
+from facerec.heads import ArcFace, AutoScale, CosFace, DynamicScale, FixedScale, partial_fc, shard_range
 from facerec.training.fit import build_module
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
@@ -33,30 +33,44 @@ def test_in_one_process_it_computes_what_its_head_computes(scale):
     head = CosFace(8, 30, scale=scale(), m=0.35)
     reference = CosFace(8, 30, scale=scale(), m=0.35)
     reference.load_state_dict(head.state_dict())
-    sharded = PartialFC(head)
+    sharded = partial_fc(head)
+    assert sharded is head and sharded.shard() == []  # one process: nothing for DDP to ignore
     x = torch.randn(16, 8)
     labels = torch.randint(0, 30, (16,))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     loss, stats = sharded.loss(x1, labels, statistics=True)
     loss.backward()
-    logits = reference(x2, labels)
-    F.cross_entropy(logits, labels).backward()
-    expected = angular_statistics(logits, labels, reference.target_cosine(x2, labels), reference.scale.value)
-    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
-    torch.testing.assert_close(x1.grad, x2.grad)
-    torch.testing.assert_close(sharded.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-6)
-    assert sharded.scale.value == pytest.approx(reference.scale.value, rel=1e-6)
+    expected_loss, expected = reference.loss(x2, labels, statistics=True)
+    expected_loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.weight.grad, reference.weight.grad, rtol=0, atol=0)
+    assert sharded.scale.value == reference.scale.value
     assert stats.keys() == expected.keys()
     for key in stats:
-        torch.testing.assert_close(stats[key], expected[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats[key], expected[key], rtol=0, atol=0)
     torch.testing.assert_close(sharded(x), reference(x))  # no labels: scaled cosines, no margin
+    torch.testing.assert_close(sharded(x, labels), reference(x, labels))  # one process: margin logits too
+
+
+def test_in_one_process_sampling_keeps_every_positive_and_a_fixed_count():
+    torch.manual_seed(0)
+    head = partial_fc(CosFace(8, 50, scale=AutoScale()).double(), sample_rate=0.1)
+    x = torch.randn(8, 8, dtype=torch.float64)
+    labels = torch.tensor([3, 3, 7, 12, 40, 41, 41, 2])
+    loss = head.loss(x, labels)[0]
+    sampled = head.sampled
+    assert len(sampled) == max(int(0.1 * 50), len(labels))  # the batch size here: 8 classes
+    assert set(labels.tolist()) <= set(sampled.tolist()) and torch.equal(sampled, sampled.sort().values)
+    expected = dense_loss(head, head.weight.detach()[sampled], x, torch.searchsorted(sampled, labels), head.scale.value)
+    assert abs(loss.item() - expected.item()) < TOL
 
 
 def test_checkpoints_are_those_of_an_unsharded_head():
     torch.manual_seed(0)
     head = CosFace(8, 30, scale=DynamicScale())
     keys = set(head.state_dict())
-    sharded = PartialFC(head)
+    sharded = partial_fc(head)
     assert set(sharded.state_dict()) == keys
     other = CosFace(8, 30, scale=DynamicScale())
     other.load_state_dict(sharded.state_dict())
@@ -64,29 +78,20 @@ def test_checkpoints_are_those_of_an_unsharded_head():
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="sample_rate"):
-        PartialFC(CosFace(8, 30, scale=AutoScale()), sample_rate=0)
-
-    class PerBatch(ScalePolicy):
-        value = 30.0
-
-        def forward(self, cosine, target_cosine, labels):
-            return cosine.max()
-
-    with pytest.raises(TypeError, match="PerBatch adapts s to each batch"):
-        PartialFC(CosFace(8, 30, scale=PerBatch()))
-    head = PartialFC(CosFace(8, 30, scale=AutoScale()))
-    with pytest.raises(TypeError, match=r"head.loss\(embeddings, labels\)"):
-        head(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))
+    for rate in (0, 1.5):
+        with pytest.raises(ValueError, match=rf"sharding.sample_rate must lie in \(0, 1\], got {rate}"):
+            partial_fc(CosFace(8, 30, scale=AutoScale()), sample_rate=rate)
+    head = partial_fc(CosFace(8, 30, scale=AutoScale()))
     with pytest.raises(ValueError, match=r"shape \(B, 8\)"):
         head.loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
 
 
-def test_the_sharding_config_wraps_any_head(tmp_path):
+def test_the_sharding_config_enables_sharding_on_any_head(tmp_path):
     cfg = compose_config(["sharding=partial_fc", "sharding.sample_rate=0.2", "head=arcface", "scale=dynamic"], tmp_path)
     head = build_module(cfg).head
-    assert isinstance(head, PartialFC) and head.sample_rate == 0.2 and head.num_classes == cfg.dataset.num_classes
-    assert "ArcFace" in repr(head) and isinstance(head.scale, DynamicScale)
+    assert isinstance(head, ArcFace) and head.sharded and head.sample_rate == 0.2
+    assert head.num_classes == cfg.dataset.num_classes and isinstance(head.scale, DynamicScale)
+    assert "partial_fc(sample_rate=0.2" in repr(head)
 
 
 # ------------------------------------------------------------- two processes
@@ -98,50 +103,82 @@ def ranks(tmp_path_factory):
 
 
 def dense_loss(head, weight, x, labels, s):
-    """The unsharded head's loss, in float64 autograd ops."""
+    """A classic head's unsharded loss over the centres `weight`, in float64 autograd ops."""
     cos = F.normalize(x) @ F.normalize(weight).T
     target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
     return F.cross_entropy(cos.scatter(1, labels.view(-1, 1), head.target_logit(target).view(-1, 1)) * s, labels)
 
 
-@pytest.mark.parametrize("scale", list(script.SCALES))
-@pytest.mark.parametrize("margin", list(script.MARGINS))
-def test_two_ranks_give_the_unsharded_loss_and_gradients(ranks, margin, scale):
-    results = [rank["heads"][f"{margin}/{scale}"] for rank in ranks[0]]
-    head = script.build_head(margin, scale, 7, 5)
-    x, labels = script.problem(7, 5, sum(script.UNEVEN), seed=0)
+def dense_step(name: str, scale: str, s: float | None = None):
+    """The dense head in one process, one step of `head.loss` on the global batch: (head after the
+    step, loss, statistics, embedding gradient, regulariser). `s`: run it at that fixed s instead."""
+    head = script.build_head(name, scale, 7, 5)
+    if s is not None:
+        head.scale = FixedScale(s)
+        head.scale.bind(head)
+    x, labels = script.problem(7, 5, script.BATCH, seed=0)
     x.requires_grad_()
-    weight = head.weight.detach().clone().requires_grad_()
-    s = head.scale.value
-    if scale == "dynamic":  # float32 statistics (the project's rule): s agrees to float32 precision
-        with torch.no_grad():
-            cos = F.normalize(x) @ F.normalize(weight).T
-            s = float(head.scale(cos, cos.gather(1, labels.view(-1, 1)).squeeze(1), labels))
-        assert results[0]["s"].item() == pytest.approx(s, rel=1e-6)
-        s = results[0]["s"].item()  # given s, everything else must agree to float64 precision
-    loss = dense_loss(head, weight, x, labels, s)
+    loss, stats = head.loss(x, labels, statistics=True)
     loss.backward()
+    regulariser = head.regulariser(x.detach().norm(dim=1))
+    return head, loss, stats, x.grad, 0.0 if regulariser is None else regulariser.item()
+
+
+@pytest.mark.parametrize("scale", list(script.SCALES))
+@pytest.mark.parametrize("name", list(script.HEADS))
+def test_two_ranks_give_the_dense_loss_gradients_statistics_and_state(ranks, name, scale):
+    results = [rank["heads"][f"{name}/{scale}"] for rank in ranks[0]]
+    dense = dense_step(name, scale)
+    # the state after the step (dynamic s, AdaFace's EMA, ElasticFace's step, CurricularFace's t):
+    # the same on both ranks, and the dense head's
+    for key, value in dense[0].named_buffers():
+        assert torch.equal(results[0]["buffers"][key], results[1]["buffers"][key]), key
+        if key == "scale.s":  # float32 statistics (the project's rule): s agrees to float32 precision
+            assert results[0]["buffers"][key].item() == pytest.approx(value.item(), rel=1e-6)
+        else:
+            torch.testing.assert_close(results[0]["buffers"][key], value, rtol=0, atol=TOL, msg=key)
+    assert results[0]["s"].item() == results[1]["s"].item()
+    if scale == "dynamic":  # given the s the ranks used, everything else agrees to float64 precision
+        dense = dense_step(name, scale, s=results[0]["s"].item())
+    head, loss, stats, grad_x, regulariser = dense
+    assert results[0]["s"].item() == head.scale.value
     for result in results:
-        assert result["s"].item() == results[0]["s"].item()
-        assert abs(result["loss"].item() - loss.item()) < TOL
-        torch.testing.assert_close(result["grad_weight"], weight.grad, rtol=0, atol=TOL)
+        # the cross-entropy is the global batch's on every rank; MagFace adds its rank's regulariser
+        assert abs(result["loss"].item() - result["regulariser"].item() - (loss.item() - regulariser)) < TOL
+        torch.testing.assert_close(result["grad_weight"], head.weight.grad, rtol=0, atol=TOL)
+        assert result["statistics"].keys() == stats.keys()
+        for key, value in stats.items():
+            torch.testing.assert_close(result["statistics"][key].double(), value.double(), rtol=0, atol=TOL, msg=key)
+    assert abs(sum(result["loss"].item() for result in results) / script.WORLD_SIZE - loss.item()) < TOL
     # each rank's embeddings get R x dL/dx (DDP divides the backbone's gradients by R)
-    grad_x = torch.cat([result["grad_x"] for result in results]) / script.WORLD_SIZE
-    torch.testing.assert_close(grad_x, x.grad, rtol=0, atol=TOL)
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in results]) / script.WORLD_SIZE, grad_x, rtol=0, atol=TOL)
+    x = script.problem(7, 5, script.BATCH, seed=0)[0]
+    torch.testing.assert_close(torch.cat([r["cosine"] for r in results]), head.cosine(x), rtol=0, atol=TOL)
+
+
+def test_a_sharded_head_leaves_its_rows_out_of_ddp_and_refuses_the_logits_path(ranks):
+    for rank in ranks[0]:
+        assert rank["shard"]["ignored"] == ["weight"]
+        assert "CosFace is class-sharded: call head.loss(embeddings, labels)" in rank["shard"]["refusal"]
+
+
+def test_a_sharded_head_gives_its_cosines_with_grad_mode_on(ranks):
+    # inference outside no_grad (the centres require grad) must not break the collective
+    assert [rank["inference_with_grad"] for rank in ranks[0]] == ["", ""]
 
 
 def test_under_ddp_the_backbone_gets_the_gradient_of_the_global_batch(ranks):
     model = script.ddp_model()
-    images = script.problem(7, 3, sum(script.UNEVEN), seed=3)[0]
-    labels = script.problem(7, 5, sum(script.UNEVEN), seed=0)[1]
-    weight = model.head.weight
-    dense_loss(model.head, weight, model.backbone(images), labels, model.head.scale.value).backward()
+    images, labels = script.ddp_problem()
+    norms = model.backbone(images).norm(dim=1)
+    assert ((norms > model.head.l_a) & (norms < model.head.u_a)).sum() >= script.BATCH // 2  # MagFace's magnitude moves
+    model(images, labels).backward()  # one process, the global batch: the dense head
     for rank in ranks[0]:
         torch.testing.assert_close(rank["ddp"]["grad_backbone"], model.backbone.weight.grad, rtol=0, atol=TOL)
-        torch.testing.assert_close(rank["ddp"]["grad_weight"], weight.grad, rtol=0, atol=TOL)
+        torch.testing.assert_close(rank["ddp"]["grad_weight"], model.head.weight.grad, rtol=0, atol=TOL)
 
 
-def test_sampling_keeps_every_positive_class(ranks):
+def test_sampling_keeps_every_positive_class_and_a_fixed_count(ranks):
     x, labels = script.problem(40, 6, 12, seed=4)
     results = [rank["sampled"] for rank in ranks[0]]
     for rank, result in enumerate(results):
@@ -149,7 +186,8 @@ def test_sampling_keeps_every_positive_class(ranks):
         positives = {c for c in labels.tolist() if start <= c < start + count}
         sampled = set(result["sampled"].tolist())
         assert positives <= sampled <= set(range(start, start + count))
-        assert len(sampled) == max(int(script.SAMPLE_RATE * count), len(positives)) < count
+        # max(rate x shard, global batch) classes, capped at the shard: no count of the positives
+        assert len(sampled) == min(count, max(int(script.SAMPLE_RATE * count), len(labels))) < count
     # the loss is the dense one over the sampled classes only
     sampled = torch.cat([result["sampled"] for result in results])
     head = script.build_head("cosface", "auto", 40, 6)
@@ -164,6 +202,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(ranks):
     checkpoint = torch.load(out / "resume.ckpt", weights_only=True)
     head, batches, x_eval = script.resume_problem()
     head.load_state_dict(checkpoint["state_dict"])
+    assert head.t.item() != 0  # CurricularFace's t came with the checkpoint
     optimizer = script.sgd(head)
     head.shard_optimizer_state(checkpoint["optimizer_states"], param_index=0)
     optimizer.load_state_dict(checkpoint["optimizer_states"][0])
@@ -171,4 +210,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(ranks):
     torch.testing.assert_close(head(x_eval), logits, rtol=0, atol=TOL)
     script.step(head, optimizer, *batches[2])  # the momentum was re-sharded too
     for rank in results:
-        torch.testing.assert_close(head.weight.detach(), rank["resume"]["weight_after_step"], rtol=0, atol=TOL)
+        after = rank["resume"]["state_after_step"]
+        assert after.keys() == head.state_dict().keys()
+        for key, value in head.state_dict().items():
+            torch.testing.assert_close(value, after[key], rtol=0, atol=TOL, msg=key)

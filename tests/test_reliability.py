@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from bad_inputs import WritesAFile
-from conftest import REPO_ROOT, TINY_RUN, run_script
+from fault_injection import nonfinite_images_at, record_buffers_at, signal_at
+from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_script
 from facerec.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = run_script(
         ["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path}",
-         "fault_injection.signal_at_step=5", "fault_injection.signal=SIGUSR1"]
+         signal_at(5, "SIGUSR1")]
     )
     assert "held-out verification" not in out.stdout
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -74,14 +75,25 @@ def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    # a real non-finite forward: NaN input images at steps 3 and 4
     run_script(["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'a'}",
-                "fault_injection.nonfinite_loss_steps=[3,4]"])
+                nonfinite_images_at(3, 4), record_buffers_at(3, tmp_path / "buffers.pt")])
     ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"]["nonfinite_steps"] == 2 and ckpt["global_step"] == 20
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    # the skipped step left every buffer (BatchNorm running statistics included) exactly as it was
+    buffers = torch.load(tmp_path / "buffers.pt", weights_only=True)
+    assert any("running_mean" in name for name in buffers["before"])
+    for name, before in buffers["before"].items():
+        assert torch.equal(before, buffers["after"][name]), name
+    # and validation after it saw finite embeddings (it would raise otherwise) and scored them
+    rows = read_metrics(tmp_path / "a")
+    assert [row for row in rows if row.get("val/accuracy_mean")] and all(
+        0 <= float(row["val/accuracy_mean"]) <= 1 for row in rows if row.get("val/accuracy_mean")
+    )
     result = run_script(
         ["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'b'}",
-         "fault_injection.nonfinite_loss_steps=[3,4,5,6]", "max_consecutive_nonfinite=3"],
+         nonfinite_images_at(3, 4, 5, 6), "max_consecutive_nonfinite=3"],
         timeout=300, check=False,
     )
     assert result.returncode != 0

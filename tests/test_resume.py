@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fault_injection import signal_at
 from conftest import TINY_RUN, read_metrics, run_script
 
 RUN = [*TINY_RUN, "trainer.max_epochs=3", "trainer.deterministic=true", "logger=wandb_csv", "model.dropout=0.2"]
@@ -25,7 +26,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(scale, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script(["train.py", *overrides, f"hydra.run.dir={straight}"])
     # 10 steps per epoch: step 13 is mid-epoch, after a validation and an epoch boundary
-    out = run_script(["train.py", *overrides, f"hydra.run.dir={resumed}", "fault_injection.signal_at_step=13"])
+    out = run_script(["train.py", *overrides, f"hydra.run.dir={resumed}", signal_at(13)])
     assert "held-out verification" not in out.stdout  # it stopped early
     first = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 14

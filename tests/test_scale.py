@@ -109,10 +109,13 @@ def test_dynamic_scale_equals_a_hand_computed_value():
         theta_med = sorted(abs(a - centres[y]) for a, y in zip(angles, labels))[len(angles) // 2]
         s = math.log(sum(b) / len(b)) / math.cos(math.radians(min(45.0, theta_med)))
         x, y = torch.tensor([unit(a) for a in angles]), torch.tensor(labels)
-        logits = head(x, y)
+        loss, stats = head.loss(x, y, statistics=True)  # the training step moves s
         assert head.scale.value == pytest.approx(s, rel=1e-6)
-        torch.testing.assert_close(head(x), s * (x @ head.weight.T))  # this batch's logits use the new s
-        assert logits.dtype == torch.float32
+        assert stats["s"].item() == head.scale.value
+        torch.testing.assert_close(head(x), s * (x @ head.weight.T))
+        logits = head(x, y)  # at the new s: the one this batch's loss used
+        torch.testing.assert_close(loss, F.cross_entropy(logits, y))
+        assert loss.dtype == logits.dtype == torch.float32
 
 
 def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
@@ -131,7 +134,7 @@ def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
         with torch.no_grad():
             head.weight.copy_(direction + 0.05 * torch.randn(100, 8))
         for _ in range(10):
-            head(x, labels)
+            head.loss(x, labels)
     assert uncapped.scale.value > 5 * start  # ~1.25x per step
     assert capped.scale.value == pytest.approx(start)
     assert capped_at_20.scale.value == pytest.approx(20.0)
@@ -144,14 +147,14 @@ def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none(
     torch.manual_seed(0)
     head = NormFace(8, 1000, scale=DynamicScale(max_scale=math.inf))
     head.scale.s.fill_(500.0)  # exp(500 cos) overflows float32; the log-sum-exp does not
-    head(torch.randn(32, 8), torch.randint(0, 1000, (32,)))
+    head.loss(torch.randn(32, 8), torch.randint(0, 1000, (32,)))
     assert math.isfinite(head.scale.value) and head.scale.value > 0
     # two classes, the other one at 180 deg: B_avg = e^{-s} < 1, ln(B_avg) < 0 -> s is kept
     tiny = NormFace(2, 3, scale=DynamicScale())
     with torch.no_grad():
         tiny.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]))
     before = tiny.scale.value
-    tiny(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    tiny.loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
     assert tiny.scale.value == before
 
 
@@ -159,13 +162,16 @@ def test_dynamic_scale_survives_a_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
     head = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
     x, labels = torch.randn(16, 8), torch.randint(0, 50, (16,))
-    head(x, labels)
+    head.loss(x, labels)
     torch.save(head.state_dict(), tmp_path / "head.pt")
     restored = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
     assert restored.scale.value != head.scale.value
     restored.load_state_dict(torch.load(tmp_path / "head.pt", weights_only=True))
     assert restored.scale.value == head.scale.value
-    torch.testing.assert_close(restored(x, labels), head(x, labels))  # and both take the same next step
+    torch.testing.assert_close(restored(x, labels), head(x, labels))
+    # and both take the same next step
+    torch.testing.assert_close(restored.loss(x, labels)[0], head.loss(x, labels)[0])
+    assert restored.scale.value == head.scale.value
 
 
 def test_dynamic_scale_is_logged_and_checkpointed_by_train_py(tmp_path):
@@ -189,12 +195,11 @@ def test_ddp_ranks_share_the_dynamic_scale_of_the_global_batch(tmp_path):
     spec.loader.exec_module(ddp_script)
     head, x, labels = ddp_script.problem()
     # one process, the whole batch (DDP averages the two half-batch gradients: the same step)
-    history = ddp_script.train(head, head, x, labels)
+    history = ddp_script.train(ddp_script.HeadLoss(head), head, x, labels)
     assert ranks[0]["steps"] == pytest.approx(history, rel=1e-5)
     assert len(set(history)) == len(history)  # s moved at every step
-    with torch.no_grad():
-        head(x, labels)
-    assert ranks[0]["uneven"] == pytest.approx(head.scale.value, rel=1e-5)
+    # the statistics of a step are those of the global batch (s included)
+    assert ranks[0]["statistics"] == pytest.approx(ddp_script.statistics(head, x, labels), rel=1e-5)
 
 
 @pytest.mark.parametrize("scale", ["fixed", "fixed64", "auto", "auto_margin", "dynamic"])
@@ -212,6 +217,12 @@ def test_every_margin_composes_with_every_scale_policy(head, scale, tmp_path):
     cos = F.normalize(embeddings) @ F.normalize(module.head.weight).T
     off_target = ~F.one_hot(labels, len(labels)).bool()
     torch.testing.assert_close(logits[off_target], s * cos[off_target])
+    # the training path: these logits' cross-entropy (the dynamic s moves first: its own tests)
+    loss = module.head.loss(embeddings, labels)[0]
+    if scale == "dynamic":
+        assert torch.isfinite(loss)
+    else:
+        torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
 
 
 def test_the_docs_table_is_the_scripts_output():

@@ -5,19 +5,10 @@ from collections.abc import Mapping
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from facerec.data.sampling import ResumableLoader, ResumableSampler
 from facerec.data.verification import VerificationSet
-
-
-def collate_skipping_none(samples: list):
-    """default_collate over the samples that are not None (a training set returns None for an image
-    it skipped, see facerec.data.EncodedImages); a batch is then a little smaller."""
-    kept = [sample for sample in samples if sample is not None]
-    if not kept:
-        raise RuntimeError(f"all {len(samples)} samples of a batch were skipped as unreadable; check the data")
-    return default_collate(kept)
 
 
 class FaceDataModule(L.LightningDataModule):
@@ -89,7 +80,6 @@ class FaceDataModule(L.LightningDataModule):
             progress=self._progress,
             batch_size=self.batch_size,
             drop_last=self.drop_last,
-            collate_fn=collate_skipping_none,
             generator=self._generator(),
             **self.loader_options,
         )

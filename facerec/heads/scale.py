@@ -18,18 +18,20 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from facerec.heads.angles import angle
+from facerec.heads.margin_loss import row_block
 
 CRITERIA = ("half", "inflection")
 
 
 class ScalePolicy(nn.Module):
-    """Base class. Subclasses implement `value`; adaptive ones also `forward`."""
+    """Base class. Subclasses implement `value`; adaptive ones (`adaptive = True`) also
+    `nontarget_log_sums` and `update`, which the head calls every training step."""
 
     num_classes: int | None = None
+    adaptive = False
 
     def bind(self, head: nn.Module) -> None:
         """Called once by the head that owns this policy, after its margin parameters are set."""
@@ -43,16 +45,6 @@ class ScalePolicy(nn.Module):
     @property
     def value(self) -> float:
         raise NotImplementedError
-
-    def forward(
-        self, cosine: torch.Tensor, target_cosine: torch.Tensor, labels: torch.Tensor
-    ) -> float | torch.Tensor:
-        """The s for this batch.
-
-        cosine: the (B, C) float32 cosines before the margin (the target column included);
-        target_cosine: (B,) cosine to the own class centre; labels: (B,) class indices.
-        """
-        return self.value
 
     def extra_repr(self) -> str:
         try:
@@ -180,16 +172,6 @@ class AutoMarginScale(AutoScale):
     margin_aware = True
 
 
-def gather_batch(values: torch.Tensor) -> torch.Tensor:
-    """(B, k) per-sample values concatenated over all ranks (batch sizes may differ); as is without DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    # imported here: importing torchmetrics takes seconds, and only distributed runs need it
-    from torchmetrics.utilities.distributed import gather_all_tensors
-
-    return torch.cat(gather_all_tensors(values))
-
-
 class DynamicScale(ScalePolicy):
     """Dynamic AdaCos (Zhang et al. 2019): s_t = ln(B_avg) / cos(min(theta0, theta_med)).
 
@@ -207,11 +189,13 @@ class DynamicScale(ScalePolicy):
     ln(C - 1), so s stays at or below its start and the cap never binds. `max_scale=inf` is the
     paper's unbounded rule.
 
-    The reductions are split so that a class-sharded head (Partial FC) can make them global:
-    `nontarget_log_sums` covers the classes a rank holds (combine the shards' values with a
-    log-sum-exp all-reduce), `update` applies the rule to statistics of the whole batch.
-    `forward` is the data-parallel path: every rank holds all classes and a slice of the batch.
+    The reductions are split so that every head, dense or class-sharded, makes them global the
+    same way (`MarginHead.step_scale`): `nontarget_log_sums` covers the classes this process holds
+    (the head combines the shards' values by a log-sum-exp), `update` applies the rule to the
+    statistics of the whole batch.
     """
+
+    adaptive = True
 
     def __init__(self, theta0: float = math.pi / 4, num_classes: int | None = None, max_scale: float | None = None):
         super().__init__()
@@ -235,11 +219,6 @@ class DynamicScale(ScalePolicy):
             raise RuntimeError("DynamicScale is not bound to a head yet (num_classes unknown)")
         return float(self.s)
 
-    def forward(self, cosine: torch.Tensor, target_cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_sample = torch.stack([self.nontarget_log_sums(cosine, labels), target_cosine.detach().float()], dim=1)
-        whole_batch = gather_batch(per_sample)
-        return self.update(whole_batch[:, 0], whole_batch[:, 1])
-
     @torch.no_grad()
     def nontarget_log_sums(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) ln sum_{j != y_i} exp(s cos theta_ij) over the columns of `cosine`, at the current s.
@@ -247,9 +226,9 @@ class DynamicScale(ScalePolicy):
         A label < 0 says that the row's class is not among the columns (a class-sharded head: it
         lives on another rank), so every column counts. A log-sum-exp in float32, so no overflow
         at any s. It runs over blocks of rows holding ~2^17 cosines: their temporaries stay in
-        cache, where one (B, C) temporary made it ~2x slower.
+        cache, where one (B, C) temporary made it ~2x slower (on a GPU: a few large blocks).
         """
-        rows = max(1, 2**17 // max(1, cosine.shape[1]))
+        rows = row_block(cosine.shape[1], cosine.device)
         sums = []
         for cos, y in zip(cosine.detach().split(rows), labels.split(rows)):
             logits = cos.float() * self.s

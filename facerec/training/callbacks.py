@@ -10,6 +10,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from facerec import distributed
 from facerec.training.checkpoints import LAST
 from facerec.training.cluster import requeue_slurm_job
 
@@ -70,9 +71,7 @@ def _on_any_rank(trainer: L.Trainer, *flags: bool) -> list[bool]:
     checkpoint is a collective, so every rank must save (and stop) after the same batch."""
     if trainer.world_size == 1:
         return list(flags)
-    values = torch.tensor(flags, dtype=torch.int32, device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return values.bool().tolist()
+    return distributed.any_rank(torch.tensor(flags, device=trainer.strategy.root_device)).tolist()
 
 
 def _requeues(trainer: L.Trainer) -> bool:

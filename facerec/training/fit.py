@@ -29,7 +29,7 @@ def configure_torch(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig) -> FaceRecognitionModule:
     backbone = instantiate(cfg.model)
     head = instantiate(cfg.head, scale=instantiate(cfg.scale))
-    if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks
+    if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks (same head)
         head = instantiate(cfg.sharding, head)
     return FaceRecognitionModule(
         backbone,
@@ -39,9 +39,6 @@ def build_module(cfg: DictConfig) -> FaceRecognitionModule:
         flip=cfg.flip,
         config=OmegaConf.to_container(cfg, resolve=True),
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
-        nonfinite_loss_steps=cfg.fault_injection.nonfinite_loss_steps,
-        signal_at_step=cfg.fault_injection.signal_at_step,
-        signal_name=cfg.fault_injection.signal,
     )
 
 

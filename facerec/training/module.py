@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from facerec import distributed
 from facerec.evaluation import VerificationMetric, embed, log_to_wandb
-from facerec.heads import MarginHead, PartialFC, angular_statistics
+from facerec.heads import MarginHead
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +29,29 @@ def total_grad_norm(parameters) -> torch.Tensor:
 
 
 class FaceRecognitionModule(L.LightningModule):
-    """Trains `backbone` and `head` with softmax cross-entropy on the head's margin logits.
+    """Trains `backbone` and `head` with the head's loss (`head.loss`: margin cross-entropy, dense or
+    class-sharded; the module never asks which).
 
     optimizer: a factory `params -> Optimizer` (Hydra `_partial_`); scheduler: an
     optional factory `(optimizer, total_steps) -> LRScheduler`, stepped per batch.
     flip: the flip-test mode for verification embeddings ("sum", "concat", "none").
     config: the resolved run config, saved in checkpoints so eval/export can
     rebuild the model without the original command line.
-    max_consecutive_nonfinite: a step whose loss or gradient is not finite is skipped
-    (no parameter changes), counted and logged; this many in a row stop the run.
-    nonfinite_loss_steps, signal_at_step, signal_name: fault injection for tests: these
-    global steps get a NaN loss; the process sends itself `signal_name` during step
-    `signal_at_step` (a preemption).
+    max_consecutive_nonfinite: a step whose loss or gradient is not finite on any rank is skipped
+    on every rank and leaves the model exactly as it was (parameters, optimizer state and buffers:
+    BatchNorm statistics, the dynamic s, the margins' EMAs); it is counted and logged, and this many
+    in a row stop the run.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        head: MarginHead | PartialFC,
+        head: MarginHead,
         optimizer: Callable,
         scheduler: Callable | None = None,
         flip: str = "sum",
         config: dict | None = None,
         max_consecutive_nonfinite: int = 20,
-        nonfinite_loss_steps: Sequence[int] = (),
-        signal_at_step: int | None = None,
-        signal_name: str = "SIGTERM",
     ):
         super().__init__()
         self.backbone = backbone
@@ -70,13 +65,11 @@ class FaceRecognitionModule(L.LightningModule):
         if max_consecutive_nonfinite < 1:
             raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
-        self.nonfinite_loss_steps = frozenset(int(step) for step in nonfinite_loss_steps)
-        self.signal_at_step = signal_at_step
-        self.signal = getattr(signal, signal_name)
         # buffers: saved in checkpoints, so the counts survive a resume
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
         self._last_loss: torch.Tensor | None = None
+        self._buffers_before_step: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -87,26 +80,20 @@ class FaceRecognitionModule(L.LightningModule):
         connector = getattr(self.trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
+    def _model_buffers(self) -> list[torch.Tensor]:
+        """The buffers a training forward may change: BatchNorm statistics, the dynamic s, EMAs."""
+        return [*self.backbone.buffers(), *self.head.buffers()]
+
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        embeddings = self.backbone(images)
+        # A skipped step must leave the model as it was: a non-finite forward has already written
+        # NaN into every BatchNorm's running statistics by the time the loss shows it.
+        self._buffers_before_step = [buffer.clone() for buffer in self._model_buffers()]
         should_log = self._should_log()
-        if isinstance(self.head, PartialFC):  # class-sharded: the head reduces its cross-entropy over ranks
-            loss, stats = self.head.loss(embeddings, labels, statistics=should_log)
-        else:
-            logits = self.head(embeddings, labels)
-            loss = F.cross_entropy(logits, labels)
-            if should_log:
-                target_cosine = self.head.target_cosine(embeddings, labels)
-                stats = angular_statistics(logits, labels, target_cosine, self.head.scale.value)
-        if self.global_step in self.nonfinite_loss_steps:
-            loss = loss * float("nan")
-        if self.global_step == self.signal_at_step:
-            os.kill(os.getpid(), self.signal)
+        loss, stats = self.head.loss(self.backbone(images), labels, statistics=should_log)
         self._last_loss = loss.detach()
         if should_log:
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
-            self.log("train/s", self.head.scale.value, on_step=True, on_epoch=False)
             # The loss too only on logging steps (each self.log is Python work), and as a host copy:
             # Lightning reads every progress-bar value with .item() after each step from then on,
             # which for a GPU tensor would be a device sync per step.
@@ -116,15 +103,24 @@ class FaceRecognitionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grad_backbone = total_grad_norm(self.backbone.parameters())
         grad_head = total_grad_norm(self.head.parameters())
-        # Under fp16 the GradScaler owns overflowing gradients (it skips the step and lowers the
-        # scale); only a non-finite loss counts as a failure there.
-        scaler_owns_grads = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         finite = torch.isfinite(self._last_loss)
-        if not scaler_owns_grads:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None:
             finite &= torch.isfinite(grad_backbone + grad_head)
-        if isinstance(self.head, PartialFC):  # each rank sees only its shard's gradients: skip on all or on none
-            finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
-        if bool(finite):  # one host sync per step, as a GradScaler does
+        else:
+            # Under fp16 the GradScaler owns overflowing gradients: it skips the step and lowers its
+            # scale, which is no failure. Its decision is made global here (a class shard's gradients
+            # exist on one rank only), and the buffers are restored when it skips.
+            found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+            overflow = distributed.any_rank(sum(v.to(finite.device) for v in found_inf.values()) > 0)
+            for value in found_inf.values():
+                value.copy_(overflow)
+        finite = distributed.all_ranks(finite)  # each rank sees only its shard's or its batch's values
+        stepping = finite & ~overflow if scaler is not None else finite
+        finite, step_taken = torch.stack([finite, stepping]).tolist()  # one host sync per step, as a GradScaler does
+        if not step_taken:
+            self._restore_buffers()
+        if finite:
             self.consecutive_nonfinite.zero_()
         else:
             self._skip_step(optimizer)
@@ -133,6 +129,11 @@ class FaceRecognitionModule(L.LightningModule):
             self.log("train/grad_norm_backbone", grad_backbone)
             self.log("train/grad_norm_head", grad_head)
             self.log("train/nonfinite_steps", self.nonfinite_steps.float())
+
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            for buffer, saved in zip(self._model_buffers(), self._buffers_before_step):
+                buffer.copy_(saved)
 
     def _skip_step(self, optimizer) -> None:
         # Optimizers leave parameters whose grad is None untouched (no momentum, no weight decay).
@@ -210,9 +211,9 @@ class FaceRecognitionModule(L.LightningModule):
         """Called by Lightning once the process group exists, before a checkpoint is restored and
         before DDP wraps the module: a class-sharded head keeps its rows, which DDP must not
         all-reduce (their gradients are complete on their rank)."""
-        if isinstance(self.head, PartialFC):
-            self.head.shard()
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ["head.weight"])
+        ignored = [f"head.{name}" for name in self.head.shard()]
+        if ignored:
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
     def _head_weight_index(self) -> int:
         # The class centres' key in the optimizer state: configure_optimizers passes self.parameters().
@@ -225,14 +226,14 @@ class FaceRecognitionModule(L.LightningModule):
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger" and logger.version:
                 checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
-        if isinstance(self.head, PartialFC):  # every rank runs this; rank 0 writes the full rows
-            self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
+        # every rank runs this; a sharded head makes its rows' optimizer state full (rank 0 writes it)
+        self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
-        if isinstance(self.head, PartialFC):  # the weights re-shard in PartialFC._load_from_state_dict
-            self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
+        # the weights re-shard in MarginHead._load_from_state_dict, the optimizer state here
+        self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
 
 def rng_states() -> dict:

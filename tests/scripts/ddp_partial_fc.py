@@ -1,18 +1,22 @@
-"""Two gloo processes run the class-sharded head (PartialFC) in float64 and record what it computed.
+"""Two gloo processes run class-sharded heads (`partial_fc`) in float64 and record what they computed.
 
 python tests/scripts/ddp_partial_fc.py OUT_DIR writes OUT_DIR/rank{0,1}.pt (torch.save of plain
-tensors and dicts), which tests/test_partial_fc.py compares with dense float64 references on the
-same global batch (the problems below are shared with it):
+tensors and dicts), which tests/test_partial_fc.py compares with the dense head in one process on
+the same global batch (the problems below are shared with it). Both ranks hold equal batches
+(BATCH / 2 each), as the head contract requires; the shards are unequal (C = 7 over 2 ranks).
 
-- "heads": for every margin x scale policy, sample_rate = 1: the loss, this rank's embedding
-  gradient, the gathered gradient of all class centres and the s used; the ranks hold unequal
-  batches (UNEVEN) and unequal shards (C = 7 over 2 ranks).
+- "heads": for every head x scale policy, sample_rate = 1, one training step (`head.loss` with
+  statistics, then backward): the loss, this rank's regulariser term, this rank's embedding
+  gradient, the gathered gradient of all class centres, the s used, the statistics, the buffers
+  after the step and the cosines of this rank's embeddings to every class (`head.cosine`).
+- "shard": what `shard()` returned, and the refusal of `head(embeddings, labels)` once sharded.
 - "ddp": a linear backbone under DistributedDataParallel with the shard kept out of its all-reduce:
-  the backbone's gradient after DDP's averaging.
+  the backbone's gradient after DDP's averaging (MagFace, whose regulariser is per rank).
 - "sampled": sample_rate < 1: the loss and the classes each rank sampled.
-- "resume": SGD with momentum for two steps, then a checkpoint (full weights and optimizer state,
-  written by rank 0 as the LightningModule's hooks do), the logits of a batch, and the full weights
-  after one more step.
+- "resume": SGD with momentum for two steps, then a checkpoint (full weights, buffers and optimizer
+  state, written by rank 0 as the LightningModule's hooks do), the logits of a batch, and the full
+  weights and buffers after one more step.
+- "inference_with_grad": the error, if any, of `head(embeddings)` with grad mode on.
 """
 from __future__ import annotations
 
@@ -28,70 +32,111 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facerec.heads import (
     AdaCos,
+    AdaFace,
     ArcFace,
     AutoMarginScale,
     AutoScale,
     CombinedMargin,
     CosFace,
+    CurricularFace,
     DynamicScale,
+    ElasticFace,
     FixedScale,
+    MagFace,
     NormFace,
-    PartialFC,
     SphereFace,
+    SubCenterArcFace,
+    partial_fc,
 )
 
 WORLD_SIZE = 2
-MARGINS = {
-    "normface": NormFace,
-    "cosface": CosFace,
-    "arcface": ArcFace,
-    "sphereface": SphereFace,
-    "combined": CombinedMargin,
-    "adacos": AdaCos,
+HEADS = {
+    "normface": (NormFace, {}),
+    "cosface": (CosFace, {}),
+    "arcface": (ArcFace, {}),
+    "sphereface": (SphereFace, {}),
+    "combined": (CombinedMargin, {}),
+    "adacos": (AdaCos, {}),
+    "adaface": (AdaFace, {}),
+    "magface": (MagFace, {}),
+    "elastic_arc": (ElasticFace, {"kind": "arc"}),
+    "elastic_cos": (ElasticFace, {"m": 0.35, "kind": "cos"}),
+    "elastic_arc_plus": (ElasticFace, {"std": 0.0175, "kind": "arc", "plus": True}),
+    "elastic_cos_plus": (ElasticFace, {"m": 0.35, "std": 0.025, "kind": "cos", "plus": True}),
+    "curricularface": (CurricularFace, {}),
+    "subcenter": (SubCenterArcFace, {}),
 }
 SCALES = {"fixed": lambda: FixedScale(30.0), "auto": AutoScale, "auto_margin": AutoMarginScale, "dynamic": lambda: DynamicScale(max_scale=math.inf)}  # uncapped: s moves
-UNEVEN = (7, 4)  # samples on rank 0 and rank 1
+BATCH = 10  # the global batch: 5 samples on each rank
 SAMPLE_RATE = 0.25
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.5
 
 
-def problem(num_classes: int, embedding_size: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def problem(num_classes: int, embedding_size: int, batch: int, seed: int, norm: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of norms ~2 norm (inside MagFace's [10, 110] for the default) and their labels."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, embedding_size, generator=generator, dtype=torch.float64)
+    x = torch.randn(batch, embedding_size, generator=generator, dtype=torch.float64) * norm
     return x, torch.randint(0, num_classes, (batch,), generator=generator)
 
 
-def build_head(margin: str, scale: str, num_classes: int, embedding_size: int) -> nn.Module:
+def build_head(name: str, scale: str, num_classes: int, embedding_size: int) -> nn.Module:
     """The unsharded float64 head (same weights on every rank and in the test process)."""
     torch.manual_seed(1)
-    return MARGINS[margin](embedding_size, num_classes, scale=SCALES[scale]()).double()
+    head_cls, kwargs = HEADS[name]
+    return head_cls(embedding_size, num_classes, scale=SCALES[scale](), **kwargs).double()
 
 
-def rows(rank: int, sizes=UNEVEN) -> slice:
-    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+def rows(rank: int, batch: int) -> slice:
+    """This rank's equal share of a global batch."""
+    share = batch // WORLD_SIZE
+    return slice(rank * share, (rank + 1) * share)
+
+
+def buffers(head: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.clone() for name, buffer in head.named_buffers()}
 
 
 def run_heads(rank: int) -> dict:
-    x, labels = problem(7, 5, sum(UNEVEN), seed=0)
+    x, labels = problem(7, 5, BATCH, seed=0)
+    mine = rows(rank, BATCH)
     results = {}
-    for margin in MARGINS:
+    for name in HEADS:
         for scale in SCALES:
-            head = PartialFC(build_head(margin, scale, 7, 5))
+            head = partial_fc(build_head(name, scale, 7, 5))
             head.shard()
-            x_local = x[rows(rank)].clone().requires_grad_()
-            loss, _ = head.loss(x_local, labels[rows(rank)])
+            x_local = x[mine].clone().requires_grad_()
+            loss, stats = head.loss(x_local, labels[mine], statistics=True)
             loss.backward()
-            results[f"{margin}/{scale}"] = {
+            regulariser = head.regulariser(x_local.detach().norm(dim=1))
+            with torch.no_grad():  # inference, as validation runs it
+                cosine = head.cosine(x_local.detach())
+            results[f"{name}/{scale}"] = {
                 "loss": loss.detach(),
+                "regulariser": torch.zeros((), dtype=torch.float64) if regulariser is None else regulariser,
                 "grad_x": x_local.grad,
                 "grad_weight": head.gather_rows(head.weight.grad),
                 "s": torch.tensor(head.scale.value, dtype=torch.float64),
+                "statistics": stats,
+                "buffers": buffers(head),
+                "cosine": cosine,
             }
     return results
 
 
+def run_shard(rank: int) -> dict:
+    x, labels = problem(7, 5, BATCH, seed=0)
+    head = partial_fc(build_head("cosface", "auto", 7, 5))
+    ignored = head.shard()
+    try:
+        head(x[rows(rank, BATCH)], labels[rows(rank, BATCH)])
+        refusal = ""
+    except TypeError as error:
+        refusal = str(error)
+    return {"ignored": ignored, "refusal": refusal}
+
+
 class Model(nn.Module):
-    def __init__(self, head: PartialFC):
+    def __init__(self, head: nn.Module):
         super().__init__()
         self.backbone = nn.Linear(3, 5).double()
         self.head = head
@@ -102,41 +147,47 @@ class Model(nn.Module):
 
 def ddp_model() -> Model:
     torch.manual_seed(2)
-    return Model(PartialFC(build_head("arcface", "auto", 7, 5)))
+    return Model(partial_fc(build_head("magface", "auto", 7, 5)))
+
+
+def ddp_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose embeddings have norms inside MagFace's [10, 110], so its regulariser has a gradient."""
+    return problem(7, 3, BATCH, seed=3, norm=20.0)[0], problem(7, 5, BATCH, seed=0)[1]
 
 
 def run_ddp(rank: int) -> dict:
-    images = problem(7, 3, sum(UNEVEN), seed=3)[0]
-    labels = problem(7, 5, sum(UNEVEN), seed=0)[1]
+    images, labels = ddp_problem()
     model = ddp_model()
-    model.head.shard()
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["head.weight"])
+    ignored = [f"head.{name}" for name in model.head.shard()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer all-reduces then
-    wrapped(images[rows(rank)], labels[rows(rank)]).backward()
+    mine = rows(rank, BATCH)
+    wrapped(images[mine], labels[mine]).backward()
     return {"grad_backbone": model.backbone.weight.grad, "grad_weight": model.head.gather_rows(model.head.weight.grad)}
 
 
 def run_sampled(rank: int) -> dict:
     x, labels = problem(40, 6, 12, seed=4)
-    head = PartialFC(build_head("cosface", "auto", 40, 6), sample_rate=SAMPLE_RATE)
+    head = partial_fc(build_head("cosface", "auto", 40, 6), sample_rate=SAMPLE_RATE)
     head.shard()
     torch.manual_seed(10 + rank)
-    loss, _ = head.loss(x[rows(rank, (6, 6))], labels[rows(rank, (6, 6))])
+    loss, _ = head.loss(x[rows(rank, 12)], labels[rows(rank, 12)])
     return {"loss": loss.detach(), "sampled": head.sampled}
 
 
-def sgd(head: PartialFC) -> torch.optim.Optimizer:
+def sgd(head: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(head.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
-def resume_problem() -> tuple[PartialFC, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """A head with C = 9 (rows 5 + 4), three training batches of 8 and an evaluation batch of 6."""
-    head = PartialFC(build_head("arcface", "auto", 9, 6))
+def resume_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """A head with state (CurricularFace's t), C = 9 (rows 5 + 4), three training batches of 8 and
+    an evaluation batch of 6."""
+    head = partial_fc(build_head("curricularface", "auto", 9, 6))
     batches = [problem(9, 6, 8, seed=20 + step) for step in range(3)]
     return head, batches, problem(9, 6, 6, seed=30)[0]
 
 
-def step(head: PartialFC, optimizer, x: torch.Tensor, labels: torch.Tensor) -> None:
+def step(head: nn.Module, optimizer, x: torch.Tensor, labels: torch.Tensor) -> None:
     optimizer.zero_grad()
     head.loss(x, labels)[0].backward()
     optimizer.step()
@@ -146,7 +197,7 @@ def run_resume(rank: int, out_dir: Path) -> dict:
     head, batches, x_eval = resume_problem()
     head.shard()
     optimizer = sgd(head)
-    half = rows(rank, (4, 4))
+    half = rows(rank, 8)
     for x, labels in batches[:2]:
         step(head, optimizer, x[half], labels[half])
     optimizer_states = [optimizer.state_dict()]
@@ -154,17 +205,39 @@ def run_resume(rank: int, out_dir: Path) -> dict:
     checkpoint = {"state_dict": head.state_dict(), "optimizer_states": optimizer_states}
     if rank == 0:
         torch.save(checkpoint, out_dir / "resume.ckpt")
-    logits = head(x_eval[rows(rank, (3, 3))])
+    with torch.no_grad():
+        logits = head(x_eval[rows(rank, 6)])
     x, labels = batches[2]
     step(head, optimizer, x[half], labels[half])
-    return {"logits": logits, "weight_after_step": head.state_dict()["weight"]}
+    return {"logits": logits, "state_after_step": head.state_dict()}
+
+
+def run_inference_with_grad(rank: int) -> str:
+    """`head(embeddings)` of a sharded head with grad mode on (the centres require grad), a few
+    times: the first error, or "" if every call returned."""
+    head = partial_fc(build_head("cosface", "auto", 7, 5))
+    head.shard()
+    x = problem(7, 5, BATCH, seed=0)[0][rows(rank, BATCH)]
+    for _ in range(8):
+        try:
+            head(x)
+        except RuntimeError as error:
+            return str(error)
+    return ""
 
 
 def worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD_SIZE)
     out = Path(out_dir)
-    results = {"heads": run_heads(rank), "ddp": run_ddp(rank), "sampled": run_sampled(rank), "resume": run_resume(rank, out)}
+    results = {
+        "heads": run_heads(rank),
+        "shard": run_shard(rank),
+        "ddp": run_ddp(rank),
+        "sampled": run_sampled(rank),
+        "resume": run_resume(rank, out),
+        "inference_with_grad": run_inference_with_grad(rank),  # last: a failed collective stays the last one
+    }
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -1,0 +1,41 @@
+"""CurricularFace (Huang et al., CVPR 2020): hard negatives gain weight as training progresses.
+
+The target logit is ArcFace's cos(theta_y + m). A negative is hard when cos theta_j > cos(theta_y + m);
+its logit becomes cos theta_j (t + cos theta_j), where t is an EMA (momentum 0.01) of the batch's
+mean target cosine: early (t ~ 0) hard negatives weigh less, later more. t is a buffer (checkpointed)
+and, unlike the official code (each GPU's own batch), taken over the global batch under DDP.
+Defaults follow the paper (m = 0.5, s = 64 there). The nominal margin is ArcFace's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from facerec.heads.head import MarginHead
+from facerec.heads.margins import additive_angular
+from facerec.heads.scale import ScalePolicy
+
+
+class CurricularFace(MarginHead):
+    changes_nontargets = True
+
+    def __init__(self, embedding_size: int, num_classes: int, scale: ScalePolicy, m: float = 0.5, momentum: float = 0.01):
+        if not (0 <= m < math.pi / 2 and 0 < momentum <= 1):
+            raise ValueError(f"CurricularFace needs 0 <= m < pi/2 and 0 < momentum <= 1, got m={m}, momentum={momentum}")
+        super().__init__(embedding_size, num_classes, scale, m=float(m), momentum=float(momentum))
+        self.register_buffer("t", torch.zeros(()))
+
+    def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
+        return additive_angular(cos_target, self.m)
+
+    def nontarget_logits(self, cos: torch.Tensor, target: torch.Tensor, update: bool = False):
+        if update:  # as the official code: t moves before this batch's logits use it
+            with torch.no_grad():
+                mean = self.batch_rows(target.detach()).mean()
+                self.t.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.t.dtype))
+        target = target.detach().clamp(-1, 1)
+        threshold = target * math.cos(self.m) - (1 - target.square()).sqrt() * math.sin(self.m)  # cos(theta_y + m)
+        hard = cos > threshold.unsqueeze(1)
+        t = self.t.to(cos.dtype)
+        return torch.where(hard, cos * (t + cos), cos), torch.where(hard, t + 2 * cos, 1.0).to(cos.dtype)

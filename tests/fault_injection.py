@@ -1,0 +1,71 @@
+"""Fault injection for tests, as Lightning callbacks added from the command line (not production code).
+
+`python train.py ... +callbacks.fault=...` with the override strings below: a real non-finite
+forward (NaN input images) at given steps, or a signal the run sends itself (a preemption).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class NonFiniteImages(L.Callback):
+    """Fills the batch's images with NaN before the forward of these global steps."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = frozenset(int(step) for step in steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step in self.steps:
+            batch[0].fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """The process sends itself `signal` as global step `step` starts (a preemption, a SLURM warning)."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM"):
+        self.step, self.signal = int(step), getattr(signal_module, signal)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+
+signal_module = signal
+
+
+def nonfinite_images_at(*steps: int) -> str:
+    return f"+callbacks.fault={{_target_:tests.fault_injection.NonFiniteImages,steps:[{','.join(map(str, steps))}]}}"
+
+
+def signal_at(step: int, name: str = "SIGTERM") -> str:
+    return f"+callbacks.fault={{_target_:tests.fault_injection.SignalAtStep,step:{step},signal:{name}}}"
+
+
+class RecordBuffers(L.Callback):
+    """Saves the model's buffers (BatchNorm statistics, s, EMAs) as global step `step` starts and
+    ends, to `path`: a skipped step must leave them exactly as they were."""
+
+    def __init__(self, step: int, path: str):
+        self.step, self.path, self.before = int(step), path, None
+
+    @staticmethod
+    def _buffers(pl_module) -> dict:
+        return {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers() if "nonfinite" not in name}  # the skip counters do change
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            self.before = self._buffers(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.before is not None and trainer.global_step == self.step + 1:
+            import torch
+
+            torch.save({"before": self.before, "after": self._buffers(pl_module)}, self.path)
+            self.before = None
+
+
+def record_buffers_at(step: int, path) -> str:
+    return f"+callbacks.buffers={{_target_:tests.fault_injection.RecordBuffers,step:{step},path:'{path}'}}"
