@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on verification sets: `python eval.py ckpt_path=... eval_sets=[lfw,cfp_fp,agedb_30]`.
+"""Evaluate a model on evaluation sets: `python eval.py ckpt_path=... eval_sets=[lfw,cfp_fp,agedb_30]`.
 
-Each name in eval_sets is a config in conf/verification/. Prints a table, writes
-results.json and roc.png to the run's output dir (see --help for the options).
+The model: ckpt_path=<train.py checkpoint>, model=<backbone> weights=<insightface backbone.pth>,
+or onnx_path=<model.onnx> (exactly one). Each name in eval_sets is a config in conf/verification/.
+Prints one table per kind of result, writes results.json and curves.png to the run's output dir
+(see --help for the options).
 """
 import hydra
 from omegaconf import DictConfig
@@ -12,11 +14,13 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     from facerec.evaluation.evaluate import evaluate
 
     results = evaluate(cfg)
-    return sum(r.accuracy for r in results.values()) / len(results)
+    # The value a Hydra sweeper optimises: the mean accuracy of the pair sets (None without any).
+    accuracies = [r.accuracy for r in results.values() if r.kind == "pairs"]
+    return sum(accuracies) / len(accuracies) if accuracies else None
 
 
 if __name__ == "__main__":

@@ -80,13 +80,13 @@ def corrupt_record_strict(tmp: Path):
     RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, strict=True)[5]
 
 
-@case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"skipped 1 .*record 6: corrupt JPEG")
-def corrupt_record_skipped(tmp: Path) -> str:
+@case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"replaced 1 .*record 6: corrupt JPEG")
+def corrupt_record_replaced(tmp: Path) -> str:
     from facerec.data import RecordDataset
 
     dataset = RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, flip=False)
     messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
-    return f"skipped {dataset.skipped} (dropped from its batch, counted, logged: {messages[0]})"
+    return f"replaced {dataset.replaced} (by another sample chosen from its index: batches keep their size; counted, logged: {messages[0]})"
 
 
 @case("training data", "train.rec truncated", ValueError, r"truncated")
@@ -300,3 +300,58 @@ def outcome(bad: BadInput, tmp: Path) -> str:
         text = report if report is not None else "no error"
     text = " ".join(text.replace(str(tmp), "<tmp>").split())
     return text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " …"
+
+
+# ------------------------------------------------- checkpoints and weights files (eval.py)
+def _saved_checkpoint(path: Path) -> Path:
+    """An 80 kB checkpoint in torch.save's zip format."""
+    torch.save({"state_dict": {"backbone.w": torch.randn(20_000, generator=torch.Generator().manual_seed(0))}}, path)
+    return path
+
+
+@case("checkpoints", "a checkpoint cut to 20 kB (an interrupted copy)", ValueError, r"truncated \(20,000 bytes\): a zip archive .*central directory")
+def truncated_ckpt(tmp: Path):
+    from facerec.training.checkpoints import load_checkpoint
+
+    path = _saved_checkpoint(tmp / "last.ckpt")
+    path.write_bytes(path.read_bytes()[:20_000])
+    load_checkpoint(path)
+
+
+@case("checkpoints", "a file that is no checkpoint at all (an HTML error page saved as .ckpt)", ValueError, r"corrupt \([\d,]+ bytes\): neither a zip archive .* nor a pickle")
+def not_a_ckpt(tmp: Path):
+    from facerec.training.checkpoints import load_checkpoint
+
+    (tmp / "last.ckpt").write_text("<html><body>404 Not Found</body></html>\n")
+    load_checkpoint(tmp / "last.ckpt")
+
+
+@case("checkpoints", "a checkpoint with damaged bytes inside its pickle", ValueError, r"corrupt \([\d,]+ bytes\): member .*data\.pkl of its zip archive fails its CRC-32 check")
+def damaged_ckpt(tmp: Path):
+    from facerec.training.checkpoints import load_checkpoint
+
+    path = _saved_checkpoint(tmp / "last.ckpt")
+    data = bytearray(path.read_bytes())
+    start = data.index(b"data.pkl") + len(b"data.pkl")  # the pickle follows its local file header
+    data[start + 64 : start + 96] = bytes(32)
+    path.write_bytes(bytes(data))
+    load_checkpoint(path)
+
+
+@case("checkpoints", "eval.py weights= (insightface backbone.pth) cut short", ValueError, r"weights file .*truncated \([\d,]+ bytes\)")
+def truncated_weights(tmp: Path):
+    from facerec.backbones import build
+    from facerec.training.checkpoints import load_backbone_weights
+
+    torch.save(build("tiny", width=4, input_size=32).state_dict(), tmp / "backbone.pth")
+    (tmp / "backbone.pth").write_bytes((tmp / "backbone.pth").read_bytes()[:-100])
+    load_backbone_weights({"_target_": "facerec.backbones.build", "name": "tiny", "width": 4, "input_size": 32}, tmp / "backbone.pth")
+
+
+@case("checkpoints", "eval.py weights= of another backbone (tiny width 4 into width 8)", ValueError, r"do not fit model=tiny .*shape mismatches: stem\.0\.weight: file \(4, 3, 3, 3\), model \(8, 3, 3, 3\)")
+def weights_of_another_backbone(tmp: Path):
+    from facerec.backbones import build
+    from facerec.training.checkpoints import load_backbone_weights
+
+    torch.save(build("tiny", width=4, input_size=32).state_dict(), tmp / "backbone.pth")
+    load_backbone_weights({"_target_": "facerec.backbones.build", "name": "tiny", "width": 8, "input_size": 32}, tmp / "backbone.pth")

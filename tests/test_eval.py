@@ -1,7 +1,11 @@
 """eval.py end to end on checkpoints trained by train.py; its bad-input errors; the verification sets."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -11,9 +15,20 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import CONF_DIR, TINY_RUN, compose_config, read_metrics, run_script
-from facerec.data import VerificationSet
-from facerec.evaluation import verify
+from facerec.backbones import build
+from facerec.data import SyntheticPairs, VerificationSet
+from facerec.evaluation import (
+    EmbeddingNorms,
+    PairResult,
+    ProtocolResult,
+    extract_embeddings,
+    format_table,
+    plot_curves,
+    verify,
+    write_results,
+)
 from facerec.evaluation.evaluate import compose_verification_sets, evaluate
+from facerec.training.checkpoints import load_backbone
 from test_verification import assert_agrees, reference
 
 # The set the smoke run validates on (conf/experiment/smoke.yaml), as eval.py overrides.
@@ -47,18 +62,27 @@ def evaluate_in_process(overrides: list[str], output_dir):
 def test_eval_py_reproduces_the_validation_and_writes_json_and_roc(smoke_run, tmp_path):
     checkpoint, validation = smoke_run
     out = run_script(["eval.py", f"ckpt_path={checkpoint}", *SMOKE_SET, f"hydra.run.dir={tmp_path}"])
-    assert "| set | pairs | accuracy (%) | TAR@FAR=1e-03 (%) | AUC | EER (%) | folds |" in out.stdout
+    assert "### pairs\n\n| set | pairs | accuracy (%) | TAR@FAR=1e-03 (%) | AUC | EER (%) | folds | embedding norm (mean ± std) |" in out.stdout
     assert "| synthetic_heldout | 80 |" in out.stdout
+    assert "synthetic_heldout: 80 images" in out.stdout and "img/s" not in out.stdout + out.stderr  # no bar off a terminal
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["checkpoint"] == str(checkpoint) and results["model"]["input_size"] == 32
     heldout = results["sets"]["synthetic_heldout"]
+    assert heldout["kind"] == "pairs"
+    # The norms of the flip-summed, un-normalised embeddings of the set's 80 images.
+    backbone, _ = load_backbone(checkpoint)
+    images = SyntheticPairs(num_identities=20, images_per_identity=4, num_pairs=80, image_size=32)
+    norms = extract_embeddings(backbone, images).double().norm(dim=1)
+    assert heldout["embedding_norm"]["mean"] == pytest.approx(norms.mean().item(), rel=1e-6)
+    assert heldout["embedding_norm"]["std"] == pytest.approx(norms.std(correction=0).item(), rel=1e-5)
+    assert f"| {heldout['embedding_norm']['mean']:.3g} ± {heldout['embedding_norm']['std']:.2g} |" in out.stdout
     # The weights and pairs of the validation that chose this checkpoint: the same numbers.
     for key in ["accuracy", "accuracy_std", "auc", "eer", "threshold"]:
         assert abs(heldout[key] - float(validation[f"val/synthetic_heldout/{key}"])) < 1e-6, key
     assert heldout["num_pairs"] == 80 and heldout["fold_policy"] == "consecutive" and len(heldout["fold_accuracies"]) == 10
     assert heldout["tar_at_far"]["1e-03"] is None and "needs >= 1000 different pairs" in " ".join(heldout["notes"])
-    with Image.open(tmp_path / "roc.png") as png:
-        assert png.format == "PNG" and png.size[0] >= 640
+    with Image.open(tmp_path / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] >= 640  # one ROC panel
 
 
 def test_eval_reads_the_default_set_at_the_checkpoints_input_size(smoke_run, tmp_path):
@@ -66,7 +90,7 @@ def test_eval_reads_the_default_set_at_the_checkpoints_input_size(smoke_run, tmp
     results = evaluate_in_process([f"ckpt_path={checkpoint}", "batch_size=256", "bf16=true"], tmp_path)
     assert results["synthetic_heldout"].num_pairs == 2000  # conf/verification/synthetic_heldout.yaml, 32 px
     assert results["synthetic_heldout"].tar_at_far[1e-3] is not None
-    assert (tmp_path / "results.json").exists() and (tmp_path / "roc.png").exists()
+    assert (tmp_path / "results.json").exists() and (tmp_path / "curves.png").exists()
 
 
 def tampered(checkpoint, tmp_path, model=None, weights=None):
@@ -97,6 +121,70 @@ def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
     nan_weights = tampered(checkpoint, tmp_path, weights={"backbone.fc.bias": state["backbone.fc.bias"] * np.nan})
     with pytest.raises(ValueError, match=r"set 'synthetic_heldout': the model produced non-finite \(NaN/inf\) embeddings for 80 of 80 images"):
         evaluate_in_process([f"ckpt_path={nan_weights}", *SMOKE_SET], tmp_path)
+
+
+@dataclass
+class RankResult(ProtocolResult):
+    """A minimal identification result: a CMC."""
+
+    kind = "identification"
+    cmc: dict[int, float]
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {f"rank{rank}": rate for rank, rate in self.cmc.items()}
+
+    def to_dict(self) -> dict:
+        return {"cmc": {str(rank): rate for rank, rate in self.cmc.items()}, "notes": self.notes}
+
+    def table_row(self) -> dict[str, str]:
+        return {f"rank-{rank} (%)": f"{100 * rate:.2f}" for rank, rate in self.cmc.items()}
+
+    def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
+        return "cmc", np.array(list(self.cmc)), np.array(list(self.cmc.values()))
+
+
+def test_one_table_per_result_kind_and_a_cmc_panel_beside_the_roc(tmp_path):
+    rng = np.random.default_rng(0)
+    issame = np.arange(40) % 2 == 0
+    pair_results = {
+        name: PairResult.of(verify(rng.normal(size=(40, 8)) + issame[:, None], rng.normal(size=(40, 8)) + issame[:, None], issame))
+        for name in ("set_a", "set_b")
+    }
+    results = {"gallery_g1": RankResult({1: 0.5, 5: 0.75}), **pair_results}
+    norms = {"set_a": EmbeddingNorms(2.0, 0.5), "gallery_g1": EmbeddingNorms(1.25, 0.125)}
+    text = format_table(results, norms)
+    pairs_table, identification_table = text.split("\n\n### ")
+    assert pairs_table.startswith("### pairs\n\n| set | pairs | accuracy (%) |") and "| set_a | 40 |" in pairs_table
+    assert pairs_table.splitlines()[-2].endswith("| 2 ± 0.5 |") and pairs_table.splitlines()[-1].endswith("| – |")  # set_b: no norms
+    assert identification_table.splitlines()[2] == "| set | rank-1 (%) | rank-5 (%) | embedding norm (mean ± std) |"
+    assert identification_table.splitlines()[-1] == "| gallery_g1 | 50.00 | 75.00 | 1.25 ± 0.12 |"
+    saved = json.loads(write_results(results, tmp_path / "results.json", norms, checkpoint="x.ckpt").read_text())
+    assert saved["checkpoint"] == "x.ckpt" and saved["sets"]["gallery_g1"] == {
+        "kind": "identification", "cmc": {"1": 0.5, "5": 0.75}, "notes": [], "embedding_norm": {"mean": 1.25, "std": 0.125}
+    }
+    assert saved["sets"]["set_b"]["kind"] == "pairs" and "embedding_norm" not in saved["sets"]["set_b"]
+    with Image.open(plot_curves(results, tmp_path / "both.png")) as both, Image.open(plot_curves(pair_results, tmp_path / "roc.png")) as roc:
+        assert both.size[0] == 2 * roc.size[0]  # a CMC panel beside the ROC panel
+
+
+def test_extraction_shows_images_per_second_on_a_terminal_only(monkeypatch, capsys):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    images = SyntheticPairs(num_identities=5, images_per_identity=4, num_pairs=20, image_size=32)
+    backbone = build("tiny", width=4, input_size=32)
+    extract_embeddings(backbone, images, progress=True, description="heldout")
+    assert capsys.readouterr().err == ""  # pytest's stderr is no terminal
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    extract_embeddings(backbone, images, batch_size=8, progress=True, description="heldout")
+    assert re.search(r"heldout: 100%.*20/20 .*img/s", terminal.getvalue())
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    extract_embeddings(backbone, images, progress=False)
+    assert quiet.getvalue() == ""
 
 
 def test_every_verification_config_composes_to_a_set():
@@ -156,7 +244,7 @@ def test_eval_py_on_lfw(shared_data, tmp_path):
     lfw = json.loads((tmp_path / "results.json").read_text())["sets"]["lfw"]
     assert lfw["num_same"] == 3000 and len(lfw["fold_accuracies"]) == 10
     assert lfw["fold_policy"] in ("given", "consecutive") and lfw["tar_at_far"]["1e-03"] is not None
-    assert (tmp_path / "roc.png").exists()
+    assert (tmp_path / "curves.png").exists()
 
 
 @pytest.mark.skipif(not (CONF_DIR / "verification" / "lfw_devtest.yaml").exists(), reason="lfw_devtest config not merged yet")

@@ -1,8 +1,12 @@
 """Training identities, verification sets and the LightningDataModule."""
+from facerec.data.align import align_face, similarity_transform
 from facerec.data.bin import BinVerificationSet, read_bin, write_bin
 from facerec.data.datamodule import FaceDataModule
 from facerec.data.decode import DecodeError, decode_image, normalise
 from facerec.data.encoded import EncodedImages
+from facerec.data.identification_sets import FolderIdentification, IjbIdentification
+from facerec.data.ijb import IJBImages, IJBMeta, IJBVerification, read_ijb_meta
+from facerec.data.ijb_fixture import make_ijb_fixture
 from facerec.data.image_folder import ImageFolderDataset, ImageFolderPairs, scan_folder
 from facerec.data.lfw import LfwPairs, read_pairs
 from facerec.data.record_dataset import RecordDataset
@@ -15,6 +19,11 @@ __all__ = [
     "DecodeError",
     "EncodedImages",
     "FaceDataModule",
+    "FolderIdentification",
+    "IJBImages",
+    "IJBMeta",
+    "IJBVerification",
+    "IjbIdentification",
     "IdentityRenderer",
     "ImageFolderDataset",
     "ImageFolderPairs",
@@ -26,13 +35,17 @@ __all__ = [
     "SyntheticIdentities",
     "SyntheticPairs",
     "VerificationSet",
+    "align_face",
     "balanced_pairs",
     "decode_image",
+    "make_ijb_fixture",
     "normalise",
     "pack_record",
     "read_bin",
+    "read_ijb_meta",
     "read_pairs",
     "scan_folder",
+    "similarity_transform",
     "unpack_record",
     "write_bin",
 ]

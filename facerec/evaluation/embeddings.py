@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 FLIP_MODES = ("sum", "concat", "none")
 
@@ -62,26 +63,37 @@ def extract_embeddings(
     bf16: bool = False,
     batch_size: int = 128,
     num_workers: int = 0,
+    progress: bool = False,
+    description: str = "embedding",
 ) -> torch.Tensor:
     """(num_images, d) float32 embeddings, on the CPU, of a verification set in image-index order.
 
     data: a dataset yielding (image, index) (a facerec VerificationSet) or a DataLoader over one.
-    device: where the backbone runs (default: where its parameters are); bf16: autocast
-    the backbone to bfloat16 (the embeddings are returned in float32).
+    device: where the backbone runs (default: where its parameters are, the CPU for a module
+    without any, e.g. an ONNX model); bf16: autocast the backbone to bfloat16 (the embeddings are
+    returned in float32). progress: a bar over the images (images per second), labelled
+    `description`, shown only when stderr is a terminal.
     """
-    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    if device is None:
+        parameter = next(backbone.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
     if not isinstance(data, DataLoader):
         data = DataLoader(data, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     loader = data
     was_training = backbone.training
     backbone.eval().to(device)
     embeddings, indices = [], []
+    # disable=None: tqdm turns itself off where stderr is no terminal (logs, CI, pytest)
+    bar = tqdm(total=len(loader.dataset), desc=description, unit="img", disable=None if progress else True)
     try:
         for images, index in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 # kept on the device (embedding_table copies once): a .cpu() per batch would stall the GPU
                 embeddings.append(embed(backbone, images.to(device, non_blocking=True), flip))
             indices.append(torch.as_tensor(index))
+            bar.update(len(images))
     finally:
+        bar.close()
         backbone.train(was_training)
     return embedding_table(torch.cat(embeddings), torch.cat(indices), len(loader.dataset))

@@ -1,8 +1,12 @@
-"""Checkpoints: atomic writes, weights-only reads, finding the one to resume, rebuilding the backbone."""
+"""Checkpoints: atomic writes, weights-only reads (saying why a file is unreadable), finding the one
+to resume, rebuilding the backbone from a train.py checkpoint or a plain state_dict (insightface's)."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +66,64 @@ def find_last_checkpoint(output_dir: str | Path, runs_dir: str | Path) -> Path |
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False, what: str = "checkpoint"
+) -> dict:
     """torch.load with weights_only=True: a checkpoint cannot run code when it is read.
-    mmap=True maps the tensors instead of reading them (to look at a large checkpoint's metadata)."""
+    mmap=True maps the tensors instead of reading them (to look at a large checkpoint's metadata).
+    what: how errors name the file ("checkpoint", "weights file")."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as error:  # pickle.UnpicklingError and friends: say which file and why
-        raise ValueError(
-            f"could not load {path} as a weights-only checkpoint ({type(error).__name__}: {error}). "
-            "facerec never unpickles arbitrary objects from checkpoints."
-        ) from error
+    except Exception as error:  # torch's own messages blame the wrong thing for a cut file: say what is wrong
+        raise ValueError(f"could not load {what} {path}: {unreadable_reason(path, error)}") from error
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive
+PICKLE_MAGIC = b"\x80"  # the legacy format: pickles (protocol >= 2 starts with this opcode)
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """Why torch.load failed on `path`: truncated, corrupt, or refused by the weights-only rule.
+
+    The file is looked at first: torch reports a zip cut short as "OSError: Invalid argument" or a
+    missing central directory, and a damaged data.pkl as a weights-only failure.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if size == 0:
+        return "the file is empty (0 bytes); was the copy or the save interrupted?"
+    if head == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()  # reads every member and checks its CRC-32
+        except zipfile.BadZipFile:
+            return (
+                f"the file is truncated ({size:,} bytes): a zip archive (PyTorch's format) whose central directory, "
+                "written last, is missing or cut; was the copy or the save interrupted?"
+            )
+        if damaged is not None:
+            return f"the file is corrupt ({size:,} bytes): member {damaged} of its zip archive fails its CRC-32 check"
+    elif head[:1] == PICKLE_MAGIC:
+        if isinstance(error, EOFError) or "truncated" in str(error):
+            return f"the file is truncated ({size:,} bytes): its pickle stream (PyTorch's legacy format) ends early"
+    else:
+        return (
+            f"the file is corrupt ({size:,} bytes): neither a zip archive (PyTorch's format) nor a pickle "
+            f"(its first bytes are {head!r})"
+        )
+    refusal = re.search(r"WeightsUnpickler error: (.*)", str(error))
+    if isinstance(error, pickle.UnpicklingError) and refusal:
+        what_torch_refused = refusal.group(1).split(". ")[0].strip()  # the rest is torch's advice to allowlist it
+        return (
+            f"it holds an object that needs code to unpickle, which a weights-only checkpoint may not hold "
+            f"({what_torch_refused or 'an unsupported pickle opcode'}). facerec never unpickles arbitrary objects "
+            "from checkpoints."
+        )
+    return f"torch could not read it as a weights-only checkpoint ({size:,} bytes; {type(error).__name__}: {error})"
 
 
 def checkpoint_config(checkpoint: dict, path: str | Path = "checkpoint") -> dict:
@@ -97,3 +146,48 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
     except RuntimeError as error:
         raise ValueError(f"{path}: its weights do not fit the backbone its config describes ({config['model']}): {error}") from error
     return backbone.eval(), config
+
+
+LISTED_KEYS = 10  # keys named per kind of misfit; the rest are counted
+
+
+def load_backbone_weights(model_config: dict, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The backbone `model_config` describes (a conf/model config), in eval mode, with the weights of
+    `path`: a plain state_dict {name: tensor} such as insightface's `backbone.pth`, read weights-only
+    and loaded strictly. A file that does not fit is refused with its missing, unexpected and
+    mis-shaped keys listed."""
+    path = Path(path)
+    state = load_checkpoint(path, map_location, what="weights file")
+    name = model_config.get("name", model_config.get("_target_"))
+    if isinstance(state, dict) and "facerec_config" in state:
+        raise ValueError(f"weights={path} is a train.py checkpoint, not a plain state_dict: evaluate it with ckpt_path={path}")
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        kinds = sorted({type(value).__name__ for value in state.values()}) if isinstance(state, dict) else [type(state).__name__]
+        raise ValueError(
+            f"weights={path} holds {', '.join(kinds)}; expected a plain state_dict {{parameter name: tensor}} "
+            "as insightface's backbone.pth"
+        )
+    backbone = instantiate(model_config)
+    expected = backbone.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mis_shaped = [
+        f"{key}: file {tuple(state[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = [
+            f"{len(keys)} {kind}: {', '.join(keys[:LISTED_KEYS])}" + (", ..." if len(keys) > LISTED_KEYS else "")
+            for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mis_shaped))
+            if keys
+        ]
+        if unexpected and all(key.startswith("module.") for key in unexpected):
+            problems.append("every key of the file starts with 'module.' (saved from a DistributedDataParallel wrapper)")
+        raise ValueError(
+            f"weights={path} do not fit model={name} ({len(state)} tensors in the file, {len(expected)} in the model): "
+            + "; ".join(problems)
+        )
+    backbone.load_state_dict(state, strict=True)
+    return backbone.eval()
+

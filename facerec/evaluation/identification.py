@@ -1,0 +1,286 @@
+"""Open-set 1:N identification by cosine similarity: CMC and TPIR@FPIR (NIST FRVT / IJB-C 1:N).
+
+A probe whose identity has an entry in the gallery is *mated*, any other probe is *non-mated*.
+Every probe is searched against the whole gallery (float32 cosine, features L2-normalised here):
+
+- rank (mated probes): an identity scores the best of its gallery entries; a probe's rank is
+  1 + the number of OTHER identities scoring >= its own identity (ties count against the mate, so
+  a degenerate model that gives every entry the same score never ranks first). Only the best
+  `max(ranks)` identities are searched; a mate beyond them has rank inf.
+- CMC(r): fraction of mated probes of rank <= r.
+- FPIR / TPIR (NIST FRVT 1:N, Grother et al., NISTIR 8238; IJB-C, Maze et al., ICB 2018): a search
+  alarms when its top score (over the whole gallery) exceeds the threshold. For a target FPIR the
+  threshold is the (k+1)-th highest top score of the N non-mated probes, k = floor(FPIR * N), so
+  at most k non-mated searches alarm (exactly k without ties); TPIR is the fraction of mated probes
+  with rank 1 whose top score exceeds that threshold. An FPIR below 1 / N is not resolved (None).
+  Where insightface's `ijb_1n.py` puts its threshold on probe-to-non-mate *entry* scores of a
+  closed set, this is the per-search definition of the IJB-C and FRVT reports.
+
+Search: exact (batched torch matmul + top-k, memory bounded by `batch_size`) up to
+`exact_max_gallery` entries, faiss (`IndexFlatIP`, exact as well, from the `facerec[eval]`
+extra) beyond; both return the same candidates up to float32 rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from facerec.evaluation.protocols import ProtocolResult
+
+RANKS = (1, 5, 10, 20)
+FPIRS = (1e-3, 1e-2, 1e-1)
+SEARCH_MODES = ("auto", "exact", "faiss")
+# Beyond this many gallery entries search="auto" uses faiss. benchmarks/identify.py, 2,000 probes, d=512,
+# one thread, CPU s exact / faiss: 0.5 / 0.3 at 10^4 entries, 3.7 / 2.9 at 10^5, 42 / 26 at 10^6, but
+# faiss holds a normalised copy of the gallery (+1.9 GiB at 10^6) where exact search adds 0.3 GiB.
+EXACT_MAX_GALLERY = 100_000
+# Exact search scores PROBE_BLOCK probes against a gallery chunk at a time: 2^25 scores = 128 MiB.
+BLOCK_SCORES = 2**25
+PROBE_BLOCK = 1024
+TABLE_RANKS = (1, 5)
+TABLE_FPIRS = (1e-2, 1e-1)
+
+
+@dataclass
+class IdentificationResult(ProtocolResult):
+    """One gallery's open-set identification: CMC, TPIR@FPIR and the per-probe outcome (see the module docstring)."""
+
+    kind = "identification"
+
+    cmc: dict[int, float]  # rank -> identification rate over mated probes
+    tpir_at_fpir: dict[float, float | None]  # None where the set has too few non-mated probes for that FPIR
+    thresholds: dict[float, float | None]  # FPIR -> the cosine a top score must exceed
+    num_mated: int
+    num_non_mated: int
+    gallery_size: int  # entries
+    num_gallery_ids: int
+    search: str  # "exact" or "faiss"
+    gallery: str = ""  # what the gallery is, for tables ("G1: 1772 templates", "1480 ids + 4068 distractors")
+    notes: list[str] = field(default_factory=list)
+    ranks: np.ndarray | None = field(default=None, repr=False)  # (P,) float: 1.. for mated, inf beyond max rank, 0 non-mated
+    top_scores: np.ndarray | None = field(default=None, repr=False)  # (P,) best cosine over the gallery
+    mated: np.ndarray | None = field(default=None, repr=False)  # (P,) bool
+
+    def summary(self) -> dict[str, float]:
+        flat = {f"rank{rank}": rate for rank, rate in self.cmc.items()}
+        flat.update({f"tpir@fpir={fpir:.0e}": tpir for fpir, tpir in self.tpir_at_fpir.items() if tpir is not None})
+        return flat
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "gallery": self.gallery,
+            "cmc": {str(rank): rate for rank, rate in self.cmc.items()},
+            "tpir_at_fpir": {f"{fpir:.0e}": tpir for fpir, tpir in self.tpir_at_fpir.items()},
+            "thresholds": {f"{fpir:.0e}": t for fpir, t in self.thresholds.items()},
+            "num_mated": self.num_mated,
+            "num_non_mated": self.num_non_mated,
+            "gallery_size": self.gallery_size,
+            "num_gallery_ids": self.num_gallery_ids,
+            "search": self.search,
+            "notes": self.notes,
+        }
+
+    def table_row(self) -> dict[str, str]:
+        return identification_row(self.gallery, f"{self.num_mated}/{self.num_non_mated}", self.cmc, self.tpir_at_fpir)
+
+    def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
+        depth = max(self.cmc)
+        mated_ranks = self.ranks[self.mated]
+        ranks = np.arange(1, depth + 1)
+        return "cmc", ranks, (mated_ranks[:, None] <= ranks[None, :]).mean(axis=0)
+
+
+def identification_row(gallery: str, probes: str, cmc: dict, tpir_at_fpir: dict) -> dict[str, str]:
+    """The table cells every identification result shows (the same headers for all of them)."""
+
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    row = {"gallery": gallery, "probes (mated/non-mated)": probes}
+    row.update({f"rank-{rank} (%)": percent(cmc.get(rank)) for rank in TABLE_RANKS})
+    row.update({f"TPIR@FPIR={fpir:.0e} (%)": percent(tpir_at_fpir.get(fpir)) for fpir in TABLE_FPIRS})
+    return row
+
+
+def _features(name: str, x) -> tuple[np.ndarray, np.ndarray]:
+    """(x as C-contiguous float32, its row norms), checked; no normalised copy of a large gallery is made."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or not len(x):
+        raise ValueError(f"{name} must be a non-empty (N, d) array, got shape {x.shape}")
+    norms = np.sqrt(np.einsum("nd,nd->n", x, x))  # no (N, d) temporary, unlike np.linalg.norm
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if len(bad):
+        raise ValueError(f"{name} holds {len(bad)} non-finite or all-zero features (first rows: {bad[:5].tolist()})")
+    return x, norms
+
+
+def _ids(name: str, ids, n: int, features: str) -> np.ndarray:
+    if hasattr(ids, "detach"):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.shape != (n,):
+        raise ValueError(f"{name} must hold one id per row of {features} ({n}), got shape {ids.shape}")
+    return ids
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            "search='faiss' (and search='auto' beyond exact_max_gallery entries) needs faiss: "
+            "pip install 'facerec[eval]' (faiss-cpu)"
+        ) from error
+    return faiss
+
+
+def search_exact(
+    gallery: np.ndarray, norms: np.ndarray, probes: np.ndarray, k: int, batch_size: int = PROBE_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, entries), each (P, k): the k best cosines of each (unit) probe over the gallery rows
+    (divided by their `norms`), descending. Blocks of `batch_size` probes x BLOCK_SCORES / batch_size
+    entries keep memory bounded and the matmuls large; each block's top k merges into a running top k."""
+    table, inverse_norms = torch.from_numpy(gallery), torch.from_numpy(1 / norms)
+    chunk = max(1, BLOCK_SCORES // batch_size)
+    scores = np.empty((len(probes), k), dtype=np.float32)
+    entries = np.empty((len(probes), k), dtype=np.int64)
+    for start in range(0, len(probes), batch_size):
+        block = torch.from_numpy(probes[start : start + batch_size])
+        best_scores = torch.empty(len(block), 0)
+        best_entries = torch.empty(len(block), 0, dtype=torch.int64)
+        for first in range(0, len(gallery), chunk):
+            cosines = (block @ table[first : first + chunk].T).mul_(inverse_norms[first : first + chunk])
+            top = torch.topk(cosines, min(k, cosines.shape[1]), dim=1)
+            merged_scores = torch.cat([best_scores, top.values], dim=1)
+            merged_entries = torch.cat([best_entries, top.indices + first], dim=1)
+            best = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_entries = best.values, merged_entries.gather(1, best.indices)
+        scores[start : start + len(block)] = best_scores.numpy()
+        entries[start : start + len(block)] = best_entries.numpy()
+    return scores, entries
+
+
+def search_faiss(gallery: np.ndarray, norms: np.ndarray, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, entries), each (P, k): the same as `search_exact`, by a faiss flat inner-product index.
+    The index's own copy of the gallery is normalised in place: no second (G, d) copy is made."""
+    faiss = _import_faiss()
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    stored = faiss.rev_swig_ptr(index.get_xb(), gallery.size).reshape(gallery.shape)
+    chunk = max(1, BLOCK_SCORES // gallery.shape[1])
+    for first in range(0, len(gallery), chunk):
+        rows = slice(first, first + chunk)
+        np.divide(stored[rows], norms[rows, None], out=stored[rows])
+    scores, entries = index.search(probes, k)
+    return scores, entries.astype(np.int64)
+
+
+def _first_of_their_id(ids: np.ndarray) -> np.ndarray:
+    """(P, k) bool: candidate j is the best-scoring candidate of its identity in row p (rows are
+    sorted by score, so that is the id's first appearance; a stable sort keeps the order of equals)."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    grouped = np.take_along_axis(ids, order, axis=1)
+    first_in_group = np.ones(ids.shape, dtype=bool)
+    first_in_group[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    first = np.empty_like(first_in_group)
+    np.put_along_axis(first, order, first_in_group, axis=1)
+    return first
+
+
+def identify(
+    gallery,
+    gallery_ids,
+    probes,
+    probe_ids,
+    ranks=RANKS,
+    fpirs=FPIRS,
+    search: str = "auto",
+    exact_max_gallery: int = EXACT_MAX_GALLERY,
+    batch_size: int | None = None,
+) -> IdentificationResult:
+    """Open-set identification of `probes` against `gallery` (see the module docstring for the rules).
+
+    gallery: (G, d) features (arrays or tensors, normalised here), gallery_ids: (G,) identity of each
+    entry (several entries per id allowed); probes: (P, d), probe_ids: (P,) (ints or strings, compared
+    with the gallery's). search: "exact", "faiss" or "auto" (exact up to `exact_max_gallery` entries);
+    batch_size: probes per exact-search block (default PROBE_BLOCK; a block's scores take 128 MiB).
+    """
+    gallery, gallery_norms = _features("gallery", gallery)
+    probes, probe_norms = _features("probes", probes)
+    probes = probes / probe_norms[:, None]
+    if gallery.shape[1] != probes.shape[1]:
+        raise ValueError(f"gallery and probes must have the same feature size, got {gallery.shape[1]} and {probes.shape[1]}")
+    gallery_ids = _ids("gallery_ids", gallery_ids, len(gallery), "gallery")
+    probe_ids = _ids("probe_ids", probe_ids, len(probes), "probes")
+    ranks = sorted({int(rank) for rank in ranks})
+    if not ranks or ranks[0] < 1:
+        raise ValueError(f"ranks must be positive integers, got {ranks}")
+    fpirs = tuple(float(fpir) for fpir in fpirs)
+    if any(not 0 < fpir < 1 for fpir in fpirs):
+        raise ValueError(f"fpirs must lie in (0, 1), got {fpirs}")
+    if search not in SEARCH_MODES:
+        raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
+    if search == "auto":
+        search = "exact" if len(gallery) <= exact_max_gallery else "faiss"
+
+    names, codes = np.unique(np.concatenate([gallery_ids, probe_ids]), return_inverse=True)
+    gallery_codes, probe_codes = codes[: len(gallery)], codes[len(gallery) :]
+    entries_per_id = np.bincount(gallery_codes, minlength=len(names))
+    mated = entries_per_id[probe_codes] > 0
+    if not mated.any():
+        raise ValueError(
+            f"none of the {len(probes)} probes has an identity in the gallery ({int((entries_per_id > 0).sum())} ids)"
+        )
+
+    # The best `depth` identities lie within the best depth * (most entries of one id) entries.
+    depth = ranks[-1]
+    k = min(depth * int(entries_per_id.max()), len(gallery))
+    if search == "exact":
+        scores, entries = search_exact(gallery, gallery_norms, probes, k, batch_size or PROBE_BLOCK)
+    else:
+        scores, entries = search_faiss(gallery, gallery_norms, probes, k)
+
+    candidate_ids = gallery_codes[entries]
+    own = candidate_ids == probe_codes[:, None]
+    found = own.any(axis=1)
+    mate_score = np.where(found, scores[np.arange(len(probes)), own.argmax(axis=1)], np.inf)
+    rivals = (_first_of_their_id(candidate_ids) & ~own & (scores >= mate_score[:, None])).sum(axis=1)
+    probe_ranks = np.where(found & (rivals < depth), rivals + 1.0, np.inf)
+    probe_ranks[~mated] = 0
+    top_scores = scores[:, 0]
+
+    mated_ranks = probe_ranks[mated]
+    cmc = {rank: float(np.mean(mated_ranks <= rank)) for rank in ranks}
+    non_mated_top = np.sort(top_scores[~mated])[::-1]
+    rank_one = mated_ranks == 1
+    notes, tpirs, thresholds = [], {}, {}
+    for fpir in fpirs:
+        allowed = int(np.floor(fpir * len(non_mated_top) + 1e-9))  # 1e-9: 0.29 * 100 is 28.999999999999996
+        if allowed < 1:
+            tpirs[fpir] = thresholds[fpir] = None
+            notes.append(
+                f"TPIR@FPIR={fpir:.0e} needs >= {int(np.ceil(1 / fpir))} non-mated probes, the set has {len(non_mated_top)}"
+            )
+            continue
+        thresholds[fpir] = float(non_mated_top[allowed])  # allowed < N as FPIR < 1
+        tpirs[fpir] = float(np.mean(rank_one & (top_scores[mated] > thresholds[fpir])))
+    return IdentificationResult(
+        cmc=cmc,
+        tpir_at_fpir=tpirs,
+        thresholds=thresholds,
+        num_mated=int(mated.sum()),
+        num_non_mated=int((~mated).sum()),
+        gallery_size=len(gallery),
+        num_gallery_ids=int((entries_per_id > 0).sum()),
+        search=search,
+        gallery=f"{int((entries_per_id > 0).sum())} ids",
+        notes=notes,
+        ranks=probe_ranks,
+        top_scores=top_scores,
+        mated=mated,
+    )
