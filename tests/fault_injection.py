@@ -33,6 +33,18 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signal)
 
 
+class InfiniteGradient(L.Callback):
+    """Sets one backbone gradient to inf after the backward of global step `step`: what an fp16
+    overflow looks like to the GradScaler (a finite loss, non-finite scaled gradients)."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            next(p for p in pl_module.backbone.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
 signal_module = signal
 
 
@@ -67,5 +79,9 @@ class RecordBuffers(L.Callback):
             self.before = None
 
 
-def record_buffers_at(step: int, path) -> str:
-    return f"+callbacks.buffers={{_target_:tests.fault_injection.RecordBuffers,step:{step},path:'{path}'}}"
+def record_buffers_at(step: int, path, key: str = "buffers") -> str:
+    return f"+callbacks.{key}={{_target_:tests.fault_injection.RecordBuffers,step:{step},path:'{path}'}}"
+
+
+def infinite_gradient_at(step: int) -> str:
+    return f"+callbacks.overflow={{_target_:tests.fault_injection.InfiniteGradient,step:{step}}}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bad_inputs import WritesAFile
-from fault_injection import nonfinite_images_at, record_buffers_at, signal_at
+from fault_injection import infinite_gradient_at, nonfinite_images_at, record_buffers_at, signal_at
 from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_script
 from facerec.training.checkpoints import AtomicCheckpointIO, load_checkpoint
 
@@ -99,6 +99,23 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert result.returncode != 0
     assert "3 consecutive steps had a non-finite loss or gradient (last at step 5: loss=nan, s=" in result.stderr
     assert "lr=" in result.stderr
+
+
+def test_under_fp16_a_skipped_step_also_leaves_the_buffers_as_they_were(tmp_path):
+    """The GradScaler skips an overflowing step (not a failure: not counted) and a NaN forward is a
+    skipped, counted step; both leave every buffer as it was before the step. On a CPU Lightning's
+    16-mixed runs without a scaler, so the plugin is given one, as on a GPU."""
+    plugin = ("+trainer.plugins=[{_target_:lightning.pytorch.plugins.MixedPrecision,precision:16-mixed,device:cpu,"
+              "scaler:{_target_:torch.amp.GradScaler,device:cpu}}]")
+    run_script(["train.py", *TINY_RUN, "logger=csv", "trainer.precision=null", plugin, f"hydra.run.dir={tmp_path / 'run'}",
+                infinite_gradient_at(3), record_buffers_at(3, tmp_path / "overflow.pt", "overflow_buffers"),
+                nonfinite_images_at(6), record_buffers_at(6, tmp_path / "nan.pt", "nan_buffers")])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["nonfinite_steps"] == 1 and ckpt["global_step"] == 20
+    for name in ("overflow.pt", "nan.pt"):
+        buffers = torch.load(tmp_path / name, weights_only=True)
+        assert buffers["before"] and all(torch.equal(v, buffers["after"][k]) for k, v in buffers["before"].items()), name
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
 def test_the_wandb_key_never_reaches_logs_configs_or_checkpoints(tmp_path):

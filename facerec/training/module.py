@@ -88,7 +88,11 @@ class FaceRecognitionModule(L.LightningModule):
         images, labels = batch
         # A skipped step must leave the model as it was: a non-finite forward has already written
         # NaN into every BatchNorm's running statistics by the time the loss shows it.
-        self._buffers_before_step = [buffer.clone() for buffer in self._model_buffers()]
+        buffers = self._model_buffers()
+        if [b.shape for b in self._buffers_before_step] != [b.shape for b in buffers]:
+            self._buffers_before_step = [buffer.clone() for buffer in buffers]
+        else:  # one fused multi-tensor copy, not one kernel per buffer (hundreds in an IResNet)
+            torch._foreach_copy_(self._buffers_before_step, buffers)
         should_log = self._should_log()
         loss, stats = self.head.loss(self.backbone(images), labels, statistics=should_log)
         self._last_loss = loss.detach()
@@ -132,8 +136,7 @@ class FaceRecognitionModule(L.LightningModule):
 
     def _restore_buffers(self) -> None:
         with torch.no_grad():
-            for buffer, saved in zip(self._model_buffers(), self._buffers_before_step):
-                buffer.copy_(saved)
+            torch._foreach_copy_(self._model_buffers(), self._buffers_before_step)
 
     def _skip_step(self, optimizer) -> None:
         # Optimizers leave parameters whose grad is None untouched (no momentum, no weight decay).
