@@ -10,10 +10,14 @@ evaluation draws stratified ones).
 A pair whose image file is missing (LFW's `Betsy_Coffin_0001` in pairsDevTest.txt)
 is skipped, logged with its line and counted in `skipped_lines` (missing="error":
 FileNotFoundError instead); the remaining pairs keep their labels and folds.
+
+`LfwIdentities` trains on the people of a `people*.txt` list (View 1: peopleDevTrain.txt) or a
+seeded subset of them, with only their images: the class-count knob of `experiment=s_star`.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from facerec.data.decode import image_tensor
+from facerec.data.image_folder import ImageFolderDataset, read_identity_list
 from facerec.data.verification import VerificationSet
 
 log = logging.getLogger(__name__)
@@ -113,3 +118,40 @@ class LfwPairs(VerificationSet):
 
     def image(self, index: int) -> torch.Tensor:
         return image_tensor(self.paths[index].read_bytes(), self.image_size, str(self.paths[index]))
+
+
+def identity_subset(names: Sequence[str], num_identities: int, seed: int = 0, source: str = "the identity list") -> list[str]:
+    """`num_identities` of `names`, drawn by a seeded permutation and kept in their listed order.
+
+    The subset is the first `num_identities` of one permutation of the list, so for one seed the
+    subsets are nested (the 300 people are among the 1,000) and the whole list is the list itself.
+    """
+    is_integer = isinstance(num_identities, (int, np.integer)) and not isinstance(num_identities, bool)
+    if not is_integer or not 2 <= num_identities <= len(names):
+        raise ValueError(
+            f"num_identities (dataset.num_classes) must be an integer in [2, {len(names)}], the number of "
+            f"people in {source}; got {num_identities!r}"
+        )
+    chosen = np.random.default_rng(seed).permutation(len(names))[:num_identities]
+    return [names[index] for index in np.sort(chosen)]
+
+
+class LfwIdentities(ImageFolderDataset):
+    """Training set of the people of an LFW people file under `root/<name>/<image>`: all of them, or
+    `num_identities` drawn with `subset_seed` (`identity_subset`), each with all of its images and
+    labelled 0..N-1 in the file's order. `subset_seed` is separate from the run's seed, so the
+    training seeds of a sweep vary the run, not the people."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        identities: str | Path,
+        num_identities: int,
+        subset_seed: int = 0,
+        image_size: int = 112,
+        flip: bool = True,
+        strict: bool = False,
+    ):
+        names = read_identity_list(identities)
+        self.people = identity_subset(names, num_identities, subset_seed, str(identities))
+        super().__init__(root, self.people, image_size, flip, strict)

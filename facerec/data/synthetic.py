@@ -133,7 +133,12 @@ def to_network_input(image: torch.Tensor) -> torch.Tensor:
 
 
 class SyntheticIdentities(Dataset):
-    """Training split: `num_classes` identities x `images_per_class` samples, label = identity."""
+    """Training split: `num_classes` identities x `images_per_class` samples, label = identity.
+
+    The identities are the first `num_classes` of the training stream, and sample k of identity i is
+    rendered from (seed, i, i * images_per_class + k) alone: changing `num_classes` adds or removes
+    whole identities and leaves every other image as it was (the class-count knob of experiment=s_star).
+    """
 
     def __init__(
         self,

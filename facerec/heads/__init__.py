@@ -11,7 +11,7 @@ from facerec.heads.head import MarginHead, partial_fc, shard_range
 from facerec.heads.magface import MagFace
 from facerec.heads.margin_loss import MarginCrossEntropy
 from facerec.heads.margins import AdaCos, ArcFace, CombinedMargin, CosFace, NormFace, SphereFace, additive_angular, monotonic_cos
-from facerec.heads.scale import AutoMarginScale, AutoScale, DynamicScale, FixedScale, ScalePolicy, auto_scale
+from facerec.heads.scale import AutoMarginScale, AutoScale, DynamicScale, FixedScale, RelativeScale, ScalePolicy, auto_scale
 from facerec.heads.subcenter import SubCenterArcFace
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "MarginCrossEntropy",
     "MarginHead",
     "NormFace",
+    "RelativeScale",
     "ScalePolicy",
     "SphereFace",
     "SubCenterArcFace",

@@ -172,6 +172,26 @@ class AutoMarginScale(AutoScale):
     margin_aware = True
 
 
+class RelativeScale(AutoScale):
+    """A fixed s stated as a multiple of the auto scale: s = factor * ln(C - 1) / cos(theta0) (the
+    plain `scale=auto` value, no margin). For sweeps over s at several class counts
+    (`experiment=s_star`): one grid of factors gives every C the same span around its own auto
+    value, and C still comes from the head. Once bound, s is constant, as with `FixedScale`."""
+
+    def __init__(self, factor: float = 1.0, theta0: float = math.pi / 4, criterion: str = "half", num_classes: int | None = None):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            raise ValueError(f"scale.factor must be a finite number > 0 (s = factor x the auto scale), got {factor!r}")
+        super().__init__(theta0, criterion, num_classes)
+        self.factor = float(factor)
+
+    def bind(self, head: nn.Module) -> None:
+        super().bind(head)
+        self._value *= self.factor
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, factor={self.factor:.4g}"
+
+
 class DynamicScale(ScalePolicy):
     """Dynamic AdaCos (Zhang et al. 2019): s_t = ln(B_avg) / cos(min(theta0, theta_med)).
 

@@ -11,6 +11,12 @@ Raw cross-entropy is not comparable across different s (its floor and slope depe
 comparison rests on held-out verification accuracy and TAR@FAR, the median target angle theta_med
 and the target probability; the loss is shown only as logged. Works offline, on finished or
 running sweeps.
+
+    python -m facerec.tools.compare <experiment=s_star sweep dirs> --s-sweep --name s_star --out docs/figures
+
+is the s-sweep view: held-out AUC and accuracy against a grid of fixed s, one curve per class count C,
+the peak s*(C) with a bootstrap interval over seeds, and s*(C) against ln(C - 1) beside the formula
+s = ln(C - 1) / cos(theta0) (docs/s_star.md).
 """
 from __future__ import annotations
 
@@ -222,6 +228,11 @@ def _format(mean: float, std: float, scale: float = 1.0, digits: int = 1, spec: 
     return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}{spec}}"
 
 
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METRIC) -> str:
     """One row per setting: mean ± std over its runs (± only where there are several)."""
     tar = next((s.tar_metric for s in summaries if s.tar_metric), None)
@@ -241,9 +252,7 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
             _format(*v["top1"], 100), _format(*v["loss"], digits=2), _format(*v["grad_norm"], digits=2),
             _format(*v["steps_to_95"], digits=0), _format(*v["wall_time_s"], 1 / 60),
         ])  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return _markdown(header, rows)
 
 
 PANELS = [  # metric (None: the compared one), y label, smooth the per-batch values, log y axis
@@ -337,20 +346,36 @@ def compare(
     return figure_path, table_path, table
 
 
+# ------------------------------------------------------------------ the s-sweep view (experiment=s_star)
+# One curve per dataset, head and class count C: held-out AUC and accuracy against a grid of fixed s,
+# the peak s*(C) fitted around the best grid point, and s*(C) against ln(C - 1) beside the formula's
+# line s = ln(C - 1) / cos(theta0). Raw losses are not used: they are not comparable across s.
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m facerec.tools.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories (or single run dirs)")
-    parser.add_argument("--out", type=Path, help="where to write <name>.png and <name>.md (default: the first dir)")
+    parser.add_argument("--out", type=Path, help="where to write the figures and the table (default: the first dir)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"the compared validation metric (default {DEFAULT_METRIC})")
     parser.add_argument("--far", type=float, default=1e-3, help="TAR at this FAR (else the smallest FAR logged)")
-    parser.add_argument("--name", default="comparison", help="file name stem of the figure and table")
+    parser.add_argument("--name", help="file name stem of the figures and table (default: comparison, or s_sweep)")
+    parser.add_argument(
+        "--s-sweep", action="store_true",
+        help="the s-sweep view (experiment=s_star): held-out AUC and accuracy against s per C, s*(C) against ln(C - 1)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    out = args.out or args.sweep_dirs[0]
     try:
-        figure_path, table_path, table = compare(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.far, args.name)
+        if args.s_sweep:
+            from facerec.tools.s_sweep import s_sweep
+
+            paths, table = s_sweep(args.sweep_dirs, out, args.name or "s_sweep")
+        else:
+            figure_path, table_path, table = compare(args.sweep_dirs, out, args.metric, args.far, args.name or "comparison")
+            paths = [figure_path, table_path]
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.compare: {error}") from None
     print(table)
-    print(f"\nwrote {figure_path} and {table_path}")
+    print(f"\nwrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,11 @@ class FaceRecognitionModule(L.LightningModule):
         batches = len(datamodule.train_dataloader())
         limit = trainer.limit_train_batches
         batches = int(batches * limit) if isinstance(limit, float) else min(batches, int(limit))
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs or 1, 1)
+        if trainer.max_epochs is None or trainer.max_epochs < 0:  # max_epochs=-1: only max_steps bounds the run
+            if trainer.max_steps <= 0:
+                raise ValueError("an LR schedule needs trainer.max_epochs >= 0 or trainer.max_steps > 0")
+            return trainer.max_steps
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps
 
     # --------------------------------------------------------------- validation

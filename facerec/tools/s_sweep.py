@@ -1,0 +1,496 @@
+"""The s-sweep view (experiment=s_star): does the held-out-optimal s move with ln(C - 1)?
+
+    python -m facerec.tools.compare <multirun dirs> --s-sweep --name s_star --out docs/figures
+
+For each class count C and head, held-out AUC and accuracy (mean +- std over seeds) against a
+fixed-s grid; s*(C) fitted as a quadratic in ln s around the best grid point, with a bootstrap
+interval over seeds; then s*(C) against ln(C - 1) with the formula's line (theta0 = 45 deg, slope
+1/cos theta0 = 1.414) and the inflection criterion, and the fitted slope, intercept and the theta0
+they imply. Raw losses are never compared across s. Runs are read as facerec.tools.compare reads
+them (csv/metrics.csv and .hydra/ of every run).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from facerec.heads.scale import auto_scale
+from facerec.tools.compare import DEFAULT_METRIC, SEED_KEYS, TRAIN_TAIL, Run, _format, _markdown, _mean_std, load_runs
+
+
+GRID_POLICIES = frozenset({"relative", "fixed", "fixed64"})  # scale= choices whose s never moves: the grid
+S_KEYS = frozenset({"scale", "scale.factor", "scale.value"})  # what varies along a curve
+CURVE_KEYS = frozenset({"dataset", "head", "dataset.num_classes"})  # in every curve's name already
+NOT_SETTINGS = frozenset({"experiment", "torch.num_threads", "callbacks.progress_bar.refresh_rate", "paths.data_dir"})
+THETA0 = math.pi / 4  # the formula's line: s = ln(C - 1) / cos 45 deg
+PLATEAU_WINDOW = 0.2  # plateau: over the last 20 % of the steps ...
+PLATEAU_RISE = 0.01  # ... held-out AUC and accuracy (means over seeds) rose by less than 1 pp
+FIT_HALF_WIDTH = 2  # s* is fitted to the best grid point and up to 2 neighbours on each side
+BOOTSTRAP_SAMPLES = 2000
+_IMAGES_LOGGED = re.compile(r": (\d+) images of (\d+) identities")  # facerec.data.image_folder's log line
+SWEEP_METRICS = {"auc": "held-out AUC", "accuracy": "held-out accuracy"}
+
+
+@dataclass
+class SweepRun:
+    """One run of an s-sweep: its curve, its s and its held-out and plateau values."""
+
+    run: Run
+    dataset: str  # the dataset= choice
+    head: str  # the head= choice
+    policy: str  # the scale= choice
+    num_classes: int
+    seed: str
+    extras: str  # other settings that differ between the runs ("optim.optimizer.lr=0.05"), or ""
+    s: float  # the logged s at the end (constant on the grid)
+    train_images: int | None
+    values: dict[str, float]  # auc, accuracy, top1 at the end; their rise over the last PLATEAU_WINDOW
+
+    @property
+    def family(self) -> str:
+        """The curves whose s*(C) one line is fitted to: dataset and head (and extras)."""
+        return ", ".join(part for part in (self.dataset, self.head, self.extras) if part)
+
+    @property
+    def curve(self) -> str:
+        return ", ".join(part for part in (self.dataset, f"C={self.num_classes:,}", self.head, self.extras) if part)
+
+
+def _rise_over_tail(steps: np.ndarray, values: np.ndarray, window: float) -> float:
+    """The last value minus the last one logged at or before (1 - window) of the run's steps."""
+    if len(values) < 2:
+        return math.nan
+    earlier = values[steps <= (1 - window) * steps[-1] + 1]
+    return float(values[-1] - earlier[-1]) if len(earlier) else math.nan
+
+
+def _train_rise(values: np.ndarray, window: float, tail: float = TRAIN_TAIL) -> float:
+    """Per-batch values: the mean over the last `tail` of the steps minus that over the `tail` ending at 1 - window."""
+    count, cut = len(values), round((1 - window) * len(values))
+    width = max(1, round(tail * count))
+    if cut < width:
+        return math.nan
+    return float(values[-width:].mean() - values[cut - width : cut].mean())
+
+
+def _final_auc(run: Run) -> tuple[float, float]:
+    """Mean over the validation sets of the final AUC, and of its rise over the plateau window."""
+    keys = sorted(key for key in run.series if re.fullmatch(r"val/[^/]+/auc", key))
+    if not keys:
+        return math.nan, math.nan
+    ends = [run.final(key) for key in keys]
+    rises = [_rise_over_tail(*run.curve(key), PLATEAU_WINDOW) for key in keys]
+    return float(np.mean(ends)), float(np.mean(rises))
+
+
+def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
+    """Read a run's curve from its saved config (.hydra/config.yaml: C) and Hydra's choices
+    (.hydra/hydra.yaml: dataset, head, scale), and its values from its CSV log."""
+    config_file, hydra_file = run.path / ".hydra" / "config.yaml", run.path / ".hydra" / "hydra.yaml"
+    for file in (config_file, hydra_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{run.path}: no .hydra/{file.name} (the s-sweep view reads C and the choices from it)")
+    config = OmegaConf.load(config_file)
+    choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+    num_classes = OmegaConf.select(config, "dataset.num_classes")
+    if not isinstance(num_classes, int):
+        raise ValueError(f"{config_file}: dataset.num_classes must be an integer, got {num_classes!r}")
+    log_file = run.path / "train.log"
+    logged = _IMAGES_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.is_file() else []
+    per_class = OmegaConf.select(config, "dataset.train.images_per_class")
+    train_images = int(logged[-1][0]) if logged else (int(per_class) * num_classes if per_class else None)
+    auc, auc_rise = _final_auc(run)
+    extras = ",".join(
+        f"{key}={run.overrides[key]}"
+        for key in keys
+        if key in run.overrides and key not in S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS
+    )
+    values = {
+        "auc": auc,
+        "accuracy": run.final(DEFAULT_METRIC),
+        "top1": run.final("train/top1", TRAIN_TAIL),
+        "auc_rise": auc_rise,
+        "accuracy_rise": _rise_over_tail(*run.curve(DEFAULT_METRIC), PLATEAU_WINDOW),
+        "top1_rise": _train_rise(run.curve("train/top1")[1], PLATEAU_WINDOW),
+    }
+    return SweepRun(
+        run, str(choices.dataset), str(choices.head), str(choices.scale), num_classes, run.overrides.get("seed", "config"),
+        extras, run.final("train/s", TRAIN_TAIL), train_images, values,
+    )  # fmt: skip
+
+
+@dataclass
+class SweepPoint:
+    """The runs (seeds) of one s on a curve: a grid point, or a reference policy (auto_margin, dynamic)."""
+
+    label: str  # "s/s_auto = 0.58" or the policy's name
+    s: float  # mean over the runs
+    runs: list[SweepRun]
+
+    def mean_std(self, key: str) -> tuple[float, float]:
+        return _mean_std([run.values[key] for run in self.runs])
+
+    @property
+    def plateaued(self) -> bool | None:
+        """Whether the held-out AUC and accuracy rose by less than PLATEAU_RISE over the plateau window
+        (None where no run validated inside and before the window)."""
+        rises = [rise for rise in (self.mean_std(key)[0] for key in ("auc_rise", "accuracy_rise")) if not math.isnan(rise)]
+        return all(rise < PLATEAU_RISE for rise in rises) if rises else None
+
+
+def peak_log_s(log_s: np.ndarray, values: np.ndarray, half_width: int = FIT_HALF_WIDTH) -> tuple[float, bool]:
+    """ln s*: the vertex of a quadratic in ln s fitted to the best grid point and up to `half_width`
+    neighbours on each side, kept within the fitted points (the best point itself where the fit
+    has no maximum); and whether the best point lies inside the grid (else s* is not bracketed)."""
+    finite = ~np.isnan(values)
+    log_s, values = log_s[finite], values[finite]
+    best = int(np.argmax(values))
+    interior = 0 < best < len(values) - 1
+    x, y = log_s[max(0, best - half_width) : best + half_width + 1], values[max(0, best - half_width) : best + half_width + 1]
+    if len(x) < 3:
+        return float(log_s[best]), interior
+    curvature, slope, _ = np.polyfit(x, y, 2)
+    if curvature >= 0:
+        return float(log_s[best]), interior
+    return float(np.clip(-slope / (2 * curvature), x[0], x[-1])), interior
+
+
+@dataclass
+class SweepCurve:
+    """One dataset, head and C: the grid points (sorted by s), the reference points and the fitted peaks."""
+
+    name: str
+    family: str
+    num_classes: int
+    train_images: int | None
+    grid: list[SweepPoint]
+    references: list[SweepPoint]
+    peaks: dict[str, tuple[float, float, float, bool]]  # metric -> (s*, low, high of the interval, bracketed)
+    bootstrap: dict[str, np.ndarray]  # metric -> (BOOTSTRAP_SAMPLES,) ln s* of the seed resamples
+
+    @property
+    def s_auto(self) -> float:
+        return auto_scale(self.num_classes, THETA0)
+
+    def point_at_auto(self) -> SweepPoint | None:
+        """The grid point at the auto scale (scale.factor=1), if the grid has it."""
+        return next((p for p in self.grid if math.isclose(p.s, self.s_auto, rel_tol=1e-4)), None)
+
+
+def _seed_matrix(grid: Sequence[SweepPoint], key: str) -> np.ndarray:
+    """(seeds, grid points) values; NaN where a seed lacks a point. Seeds pair up across the points."""
+    seeds = sorted({run.seed for point in grid for run in point.runs})
+    matrix = np.full((len(seeds), len(grid)), np.nan)
+    for column, point in enumerate(grid):
+        for run in point.runs:
+            matrix[seeds.index(run.seed), column] = run.values[key]
+    return matrix
+
+
+def fit_curve(name: str, runs: Sequence[SweepRun], rng: np.random.Generator) -> SweepCurve:
+    """Group a curve's runs by s, fit s* on each metric and bootstrap it over the seeds (resampled with
+    replacement, the same seeds at every grid point). The interval is the 2.5-97.5 % percentile range."""
+    by_s: dict[tuple[str, float], list[SweepRun]] = {}
+    for run in runs:
+        on_grid = run.policy in GRID_POLICIES
+        by_s.setdefault(("grid" if on_grid else run.policy, round(run.s, 4) if on_grid else 0.0), []).append(run)
+    s_auto = auto_scale(runs[0].num_classes, THETA0)
+    grid, references = [], []
+    for (kind, _), members in by_s.items():
+        s = float(np.mean([run.s for run in members]))
+        if kind == "grid":
+            grid.append(SweepPoint(f"s/s_auto = {s / s_auto:.3g}", s, members))
+        else:
+            references.append(SweepPoint(kind, s, members))
+    grid.sort(key=lambda point: point.s)
+    log_s = np.log([point.s for point in grid])
+    peaks, bootstrap = {}, {}
+    for metric in SWEEP_METRICS:
+        matrix = _seed_matrix(grid, metric)
+        if len(grid) < 3 or np.isnan(matrix).all():
+            peaks[metric], bootstrap[metric] = (math.nan, math.nan, math.nan, False), np.full(BOOTSTRAP_SAMPLES, np.nan)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample may miss every seed of a point
+            peak, bracketed = peak_log_s(log_s, np.nanmean(matrix, axis=0))
+            rows = rng.integers(0, len(matrix), size=(BOOTSTRAP_SAMPLES, len(matrix)))
+            samples = np.array([peak_log_s(log_s, means)[0] for means in np.nanmean(matrix[rows], axis=1)])
+        low, high = np.exp(np.percentile(samples, [2.5, 97.5]))
+        peaks[metric], bootstrap[metric] = (math.exp(peak), float(low), float(high), bracketed), samples
+    images = {run.train_images for run in runs}
+    train_images = images.pop() if len(images) == 1 else None
+    return SweepCurve(name, runs[0].family, runs[0].num_classes, train_images, grid, references, peaks, bootstrap)
+
+
+@dataclass
+class LineFit:
+    """s*(C) = slope ln(C - 1) + intercept over the bracketed curves of one family, with bootstrap intervals."""
+
+    family: str
+    metric: str
+    curves: int
+    slope: tuple[float, float, float]  # estimate, 2.5 %, 97.5 %
+    intercept: tuple[float, float, float]
+
+    @property
+    def theta0_deg(self) -> float:
+        """The theta0 the slope implies, cos theta0 = 1 / slope (NaN for a slope below 1)."""
+        return math.degrees(math.acos(1 / self.slope[0])) if self.slope[0] >= 1 else math.nan
+
+
+def fit_lines(curves: Sequence[SweepCurve]) -> list[LineFit]:
+    """One least-squares line per family and metric through s* against ln(C - 1), the curves whose best
+    grid point is inside the grid only (at least two C); intervals from the curves' bootstrap samples."""
+    fits = []
+    for family in dict.fromkeys(curve.family for curve in curves):
+        for metric in SWEEP_METRICS:
+            members = [c for c in curves if c.family == family and c.peaks[metric][3]]
+            if len({c.num_classes for c in members}) < 2:
+                continue
+            x = np.log([c.num_classes - 1 for c in members])
+            slope, intercept = np.polyfit(x, [c.peaks[metric][0] for c in members], 1)
+            samples = np.exp(np.stack([c.bootstrap[metric] for c in members]))  # (curves, samples)
+            sample_slopes, sample_intercepts = np.polyfit(x, samples, 1)
+            fits.append(LineFit(
+                family, metric, len(members),
+                (float(slope), *np.percentile(sample_slopes, [2.5, 97.5]).tolist()),
+                (float(intercept), *np.percentile(sample_intercepts, [2.5, 97.5]).tolist()),
+            ))  # fmt: skip
+    return fits
+
+
+def formula_lines(curves: Sequence[SweepCurve]) -> list[tuple[str, float, float]]:
+    """(name, slope, intercept) of the predictions over the sweep's C: the half criterion (slope
+    1 / cos 45 deg, through 0) and the inflection criterion (a line fitted to its s over the same C)."""
+    counts = sorted({curve.num_classes for curve in curves})
+    lines = [("formula, θ0 = 45° (half)", 1 / math.cos(THETA0), 0.0)]
+    if len(counts) >= 2:
+        slope, intercept = np.polyfit(np.log(np.array(counts) - 1.0), [auto_scale(c, THETA0, "inflection") for c in counts], 1)
+        lines.append(("inflection criterion, θ0 = 45°", float(slope), float(intercept)))
+    return lines
+
+
+def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0) -> tuple[list[SweepCurve], list[LineFit]]:
+    """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines."""
+    runs, keys = load_runs(sweep_dirs)
+    curves: dict[str, list[SweepRun]] = {}
+    for run in runs:
+        point = sweep_run(run, keys)
+        curves.setdefault(point.curve, []).append(point)
+    rng = np.random.default_rng(seed)
+    ordered = sorted(curves.items(), key=lambda item: (item[1][0].family, item[1][0].num_classes))
+    fitted = [fit_curve(name, members, rng) for name, members in ordered]
+    return fitted, fit_lines(fitted)
+
+
+def _interval(peak: tuple[float, float, float, bool]) -> str:
+    s, low, high, bracketed = peak
+    if math.isnan(s):
+        return "–"
+    return f"{s:.2f} [{low:.2f}, {high:.2f}]" + ("" if bracketed else " (edge: not bracketed)")
+
+
+def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str:
+    """Markdown: s*(C) per curve, the line fits against the formula, and every point with its plateau check."""
+    header = ["curve", "C", "train images", "ln(C−1)", "s_auto (half / inflection)", "seeds", "s* from AUC [95 %]",
+              "s* / s_auto (AUC)", "s* from accuracy [95 %]", "AUC at s_auto (%)", "best grid AUC (%) (at s)",
+              "accuracy at s_auto (%)", "best grid accuracy (%) (at s)", "lost at s_auto: AUC / accuracy (pp)"]  # fmt: skip
+    rows = []
+    for curve in curves:
+        at_auto = curve.point_at_auto()
+        best = {m: max(curve.grid, key=lambda p: p.mean_std(m)[0], default=None) for m in SWEEP_METRICS}
+        seeds = len({run.seed for point in curve.grid for run in point.runs})
+
+        def at(point: SweepPoint | None, metric: str, with_s: bool = False) -> str:
+            if point is None:
+                return "–"
+            text = _format(*point.mean_std(metric), 100)
+            return f"{text} ({point.s:.2f})" if with_s else text
+
+        def lost(metric: str) -> str:  # the best grid point's mean minus the auto scale's
+            if at_auto is None or best[metric] is None:
+                return "–"
+            return _format(best[metric].mean_std(metric)[0] - at_auto.mean_std(metric)[0], math.nan, 100)
+
+        rows.append([
+            curve.name, f"{curve.num_classes:,}", f"{curve.train_images:,}" if curve.train_images else "–",
+            f"{math.log(curve.num_classes - 1):.3f}",
+            f"{curve.s_auto:.2f} / {auto_scale(curve.num_classes, THETA0, 'inflection'):.2f}", str(seeds),
+            _interval(curve.peaks["auc"]), _format(curve.peaks["auc"][0] / curve.s_auto, math.nan, digits=2),
+            _interval(curve.peaks["accuracy"]),
+            at(at_auto, "auc"), at(best["auc"], "auc", True), at(at_auto, "accuracy"), at(best["accuracy"], "accuracy", True),
+            f"{lost('auc')} / {lost('accuracy')}",
+        ])  # fmt: skip
+    sections = ["### s*(C)", _markdown(header, rows)]
+
+    header = ["family", "s* from", "C values fitted", "slope [95 %]", "intercept [95 %]", "θ0 implied (cos θ0 = 1/slope)"]
+    rows = [
+        [fit.family, SWEEP_METRICS[fit.metric], str(fit.curves), "{:.3f} [{:.3f}, {:.3f}]".format(*fit.slope),
+         "{:.2f} [{:.2f}, {:.2f}]".format(*fit.intercept), "–" if math.isnan(fit.theta0_deg) else f"{fit.theta0_deg:.1f}°"]
+        for fit in fits
+    ]  # fmt: skip
+    rows += [
+        [name, "prediction", "–", f"{slope:.3f}", f"{intercept:.2f}", f"{math.degrees(math.acos(1 / slope)):.1f}°"]
+        for name, slope, intercept in formula_lines(curves)
+    ]
+    sections += ["### s*(C) against ln(C − 1)", _markdown(header, rows)]
+
+    window = f"last {PLATEAU_WINDOW:.0%} (pp)"
+    header = ["curve", "point", "s", "runs", "AUC (%)", "accuracy (%)", "train top-1 end (%)", f"AUC rise, {window}",
+              f"accuracy rise, {window}", f"top-1 rise, {window}", "plateau"]  # fmt: skip
+    rows = []
+    for curve in curves:
+        for point in [*curve.grid, *curve.references]:
+            rows.append([
+                curve.name, point.label, f"{point.s:.2f}", str(len(point.runs)), _format(*point.mean_std("auc"), 100),
+                _format(*point.mean_std("accuracy"), 100), _format(*point.mean_std("top1"), 100),
+                _format(*point.mean_std("auc_rise"), 100), _format(*point.mean_std("accuracy_rise"), 100),
+                _format(*point.mean_std("top1_rise"), 100), {True: "yes", False: "**no**", None: "–"}[point.plateaued],
+            ])  # fmt: skip
+    checked = [p.plateaued for curve in curves for p in [*curve.grid, *curve.references] if p.plateaued is not None]
+    sections += [
+        "### Every point, and the plateau check",
+        f"Plateau: over the last {PLATEAU_WINDOW:.0%} of the steps the held-out AUC and accuracy (means over seeds) "
+        f"rose by less than {PLATEAU_RISE * 100:.0f} pp (the last validation minus the last one at or before "
+        f"{1 - PLATEAU_WINDOW:.0%} of the steps); train top-1 is the mean over {TRAIN_TAIL:.0%} of the steps at each "
+        f"end of that window. It holds for {sum(checked)} of the {len(checked)} points validated often enough to tell.",
+        _markdown(header, rows),
+    ]
+    return "\n\n".join(sections)
+
+
+def _class_colours(curves: Sequence[SweepCurve]) -> dict[int, tuple]:
+    import matplotlib.pyplot as plt
+
+    counts = sorted({curve.num_classes for curve in curves})
+    return {c: plt.cm.viridis(0.9 * i / max(1, len(counts) - 1)) for i, c in enumerate(counts)}
+
+
+REFERENCE_MARKERS = {"auto": "D", "auto_margin": "s", "dynamic": "^"}
+
+
+def plot_s_curves(curves: Sequence[SweepCurve], title: str | None = None):
+    """Held-out AUC and accuracy (mean ± std over seeds) against s, one panel per family and metric,
+    one line per C; dotted lines mark s_auto(C), stars the fitted s*, open markers the reference policies."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    families = list(dict.fromkeys(curve.family for curve in curves))
+    colours = _class_colours(curves)
+    figure, axes = plt.subplots(2, len(families), figsize=(5 * len(families) + 1, 8.5), squeeze=False)
+    for column, family in enumerate(families):
+        for row, metric in enumerate(SWEEP_METRICS):
+            ax = axes[row, column]
+            for curve in (c for c in curves if c.family == family):
+                colour = colours[curve.num_classes]
+                ax.axvline(curve.s_auto, color=colour, linestyle=":", linewidth=1)
+                s = [point.s for point in curve.grid]
+                mean, std = np.array([point.mean_std(metric) for point in curve.grid]).reshape(-1, 2).T * 100
+                ax.errorbar(s, mean, yerr=np.nan_to_num(std), fmt="o-", color=colour, markersize=3, capsize=2)
+                peak = curve.peaks[metric][0]
+                if not math.isnan(peak):
+                    at_peak = np.interp(math.log(peak), np.log(s), mean)
+                    ax.plot(peak, at_peak, "*", color=colour, markersize=12, markeredgecolor="k")
+                for point in curve.references:
+                    ref_mean, ref_std = (value * 100 for value in point.mean_std(metric))
+                    ax.errorbar(point.s, ref_mean, yerr=np.nan_to_num(ref_std), fmt=REFERENCE_MARKERS.get(point.label, "x"),
+                                color=colour, markerfacecolor="none", markersize=8, capsize=2, zorder=3)  # fmt: skip
+            ax.set(xscale="log", xlabel="scale s", ylabel=f"{SWEEP_METRICS[metric]} (%)")
+            low, high = ax.get_xlim()
+            if high < 2 * low:  # a curve of one or two nearby points: show a span of s around them
+                centre = math.sqrt(low * high)
+                ax.set_xlim(centre / 1.5, centre * 1.5)
+            ax.xaxis.set_major_locator(FixedLocator([1, 2, 3, 5, 10, 20, 30, 50, 100, 200]))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(family, fontsize="medium")
+            ax.grid(alpha=0.3, which="both")
+    # one legend for all panels (a C has one colour everywhere), below them: never over a point
+    handles = [plt.Line2D([], [], marker="o", color=colour, label=f"C = {c:,}") for c, colour in colours.items()]
+    handles += [plt.Line2D([], [], linestyle=":", color="grey", label="s_auto(C)"),
+                plt.Line2D([], [], marker="*", linestyle="", color="grey", markeredgecolor="k", markersize=12, label="fitted s*")]
+    handles += [plt.Line2D([], [], marker=marker, linestyle="", color="grey", markerfacecolor="none", label=name)
+                for name, marker in REFERENCE_MARKERS.items()]  # fmt: skip
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), frameon=False)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.97 if title else 1))
+    return figure
+
+
+def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: str | None = None):
+    """s*(C) against ln(C - 1) with bootstrap intervals, per family, beside the formula's predictions (the
+    half criterion's line and the inflection criterion's curve) and the s the auto_margin runs used; one
+    panel per metric (s* fitted on AUC, on accuracy). Hollow markers: best grid point at the grid's edge."""
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(curve.family for curve in curves))
+    x_max = 1.05 * max(math.log(curve.num_classes - 1) for curve in curves)
+    x_line = np.linspace(0, x_max, 50)
+    # over the sweep's C only: at small C (ln(C - 1) below ~1) P(theta) has no inflection at 45 deg
+    x_inflection = np.linspace(min(math.log(curve.num_classes - 1) for curve in curves), x_max, 50)
+    s_inflection = [auto_scale(math.exp(x) + 1, THETA0, "inflection") for x in x_inflection]
+    figure, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(13, 5.5), squeeze=False)
+    for ax, metric in zip(axes[0], SWEEP_METRICS):
+        ax.plot(x_line, x_line / math.cos(THETA0), "-", color="k", label="formula ln(C − 1) / cos 45° (half criterion)")
+        ax.plot(x_inflection, s_inflection, ":", color="k", label="inflection criterion, θ0 = 45°")
+        for index, family in enumerate(families):
+            colour = f"C{index}"
+            members = [c for c in curves if c.family == family]
+            for curve in members:
+                s, low, high, bracketed = curve.peaks[metric]
+                if not math.isnan(s):
+                    ax.errorbar(math.log(curve.num_classes - 1), s, yerr=[[s - low], [high - s]], fmt="o", color=colour,
+                                markerfacecolor=colour if bracketed else "none", capsize=3)  # fmt: skip
+            margin = [(math.log(c.num_classes - 1), p.s) for c in members for p in c.references if p.label == "auto_margin"]
+            if margin:
+                ax.plot(*zip(*sorted(margin)), "s-.", color=colour, markerfacecolor="none", linewidth=1,
+                        label=f"{family}: auto_margin's s")  # fmt: skip
+            fit = next((f for f in fits if f.family == family and f.metric == metric), None)
+            label = f"{family}: s*"
+            if fit is not None:
+                label += f", fit slope {fit.slope[0]:.3f}, intercept {fit.intercept[0]:.2f}"
+                ax.plot(x_line, fit.slope[0] * x_line + fit.intercept[0], "--", color=colour)
+            ax.plot([], [], "o--", color=colour, label=label)
+        ax.set(xlabel="ln(C − 1)", ylabel="s*", title=f"s* fitted on {SWEEP_METRICS[metric]}")
+        ax.set_xlim(0, x_max)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: never over a point
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep") -> tuple[list[Path], str]:
+    """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves, fits = load_sweep(sweep_dirs)
+    tables = s_sweep_tables(curves, fits)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = ", ".join(dict.fromkeys(Path(d).name for d in sweep_dirs))
+    paths = [out_dir / f"{name}_curves.png", out_dir / f"{name}_fit.png", out_dir / f"{name}.md"]
+    for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title), paths[1])):
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+    sources = ", ".join(f"`{d}`" for d in sweep_dirs)
+    paths[2].write_text(
+        f"Runs: {sources}. Mean ± std over seeds; AUC and accuracy at the end of each run on the held-out pairs. "
+        f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
+        f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
+        "Lines are fitted to the bracketed s* only.\n\n" + tables + "\n"
+    )
+    return paths, tables
