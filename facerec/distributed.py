@@ -72,6 +72,17 @@ def gather_rows_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return GatherRows.apply(tensor) if world()[1] > 1 else tensor
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's (picklable) object, in rank order: for rare, small exchanges such as the RNG
+    states in a checkpoint, never per step."""
+    world_size = world()[1]
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_ranks(flag: torch.Tensor) -> torch.Tensor:
     """A boolean tensor that is true where `flag` is true on every rank (no barrier, no host sync)."""
     return all_reduce(flag.to(torch.int32), "min").bool()

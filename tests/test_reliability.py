@@ -137,3 +137,22 @@ def test_resuming_into_a_different_class_set_is_refused(trained_run, tmp_path):
     )
     assert result.returncode != 0
     assert "dataset.num_classes: checkpoint 20, config 19" in result.stderr
+
+
+def test_fp16_autocast_without_a_grad_scaler_is_refused(tmp_path):
+    """fp16 gradients underflow silently without loss scaling: the run must not start."""
+    from hydra.utils import instantiate
+
+    from conftest import compose_config
+    from facerec.training.checks import check_precision
+    from facerec.training.fit import build_module
+
+    cfg = compose_config([*TINY_RUN, "logger=csv", "+model.autocast=fp16"], tmp_path)
+    module = build_module(cfg)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="model.autocast=fp16 needs loss scaling, but trainer.precision=32-true runs without a GradScaler"):
+        check_precision(trainer, module)
+    result = run_script(["train.py", *TINY_RUN, "logger=csv", "+model.autocast=fp16", f"hydra.run.dir={tmp_path / 'run'}"], check=False)
+    assert result.returncode != 0 and "needs loss scaling" in result.stderr
+    check_precision(instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision="bf16-mixed"),
+                    build_module(compose_config([*TINY_RUN, "+model.autocast=bf16"], tmp_path)))  # bf16 needs none

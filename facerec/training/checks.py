@@ -44,6 +44,19 @@ def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModu
         raise ValueError(f"the first training label is {int(label)}, outside [0, {head.num_classes}) (dataset.num_classes)")
 
 
+def check_precision(trainer: L.Trainer, module: FaceRecognitionModule) -> None:
+    """A backbone under fp16 autocast needs loss scaling: without a GradScaler its small fp16
+    gradients underflow to zero silently. Lightning's `16-mixed` brings one on a GPU (not on a CPU)."""
+    if getattr(module.backbone, "autocast", None) != "fp16":
+        return
+    if getattr(trainer.precision_plugin, "scaler", None) is None:
+        raise ValueError(
+            f"model.autocast=fp16 needs loss scaling, but trainer.precision={trainer.precision} runs without a "
+            "GradScaler (fp16 gradients would underflow silently): use trainer.precision=16-mixed on a GPU, or "
+            "model.autocast=bf16 (no scaling needed)"
+        )
+
+
 def check_launch(trainer: L.Trainer) -> None:
     """Lightning starts the other ranks of a one-node DDP run by re-running the command line; in a
     Hydra multirun every rank would then run the whole sweep, in sweep dirs of its own."""

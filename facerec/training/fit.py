@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from facerec.training.checkpoints import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
-from facerec.training.checks import check_data_and_model, check_launch
+from facerec.training.checks import check_data_and_model, check_launch, check_precision
 from facerec.training.cluster import slurm_job_id
 from facerec.config import instantiate_all
 from facerec.training.module import FaceRecognitionModule
@@ -117,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers)
     check_launch(trainer)
+    check_precision(trainer, module)
     for logger in loggers:
         logger.log_hyperparams(module.config)
     log.info("head: %s | s = %.4f", module.head, module.head.scale.value)

@@ -243,21 +243,45 @@ class FaceRecognitionModule(L.LightningModule):
         self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
 
-def rng_states() -> dict:
-    """Global RNG states as tensors and builtin types, so checkpoints stay weights-only loadable."""
+def _local_rng_state() -> dict:
+    """This process's RNG states as tensors and builtin types (checkpoints stay weights-only loadable);
+    "cuda": the generator of this process's own device only (None where CUDA is not in use)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
         "python": random.getstate(),
     }
 
 
+def rng_states() -> dict:
+    """Every rank's RNG states, in rank order (every rank calls this; rank 0 writes the checkpoint)."""
+    return {"ranks": distributed.all_gather_object(_local_rng_state())}
+
+
 def set_rng_states(states: dict) -> None:
+    """Restore this rank's RNG states. A checkpoint written by fewer ranks than resume it leaves the
+    extra ranks with their freshly seeded generators (logged: their draws are not the ones of the
+    interrupted run); one written by more ranks gives each rank its own. Checkpoints of earlier
+    versions hold rank 0's states and `get_rng_state_all()` of every visible device: this device's
+    entry is taken where it exists."""
+    rank = distributed.world()[0]
+    if "ranks" in states:
+        if rank >= len(states["ranks"]):
+            log.warning(
+                "the checkpoint holds the RNG states of %d ranks; rank %d keeps its seeded generators",
+                len(states["ranks"]), rank,
+            )
+            return
+        states = states["ranks"][rank]
+        cuda = states["cuda"]
+    else:  # before per-rank states: rank 0's, and the CUDA state of every device rank 0 saw
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        cuda = states["cuda"][device] if device < len(states["cuda"]) else None
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     version, internal, gauss = states["python"]
