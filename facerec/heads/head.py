@@ -105,10 +105,10 @@ class MarginHead(nn.Module):
         if not policy.adaptive:
             return policy.value
         log_sums = policy.nontarget_log_sums(cosine, labels)
-        # log-sum-exp over the shards' columns, then the whole batch's rows
-        row_max = self.reduce_over_shards(log_sums.clone(), "max")
-        log_sums = self.reduce_over_shards((log_sums - row_max).exp()).log() + row_max
-        rows = self.batch_rows(torch.stack([log_sums, target_cosine.detach().to(log_sums.dtype)], dim=1))
+        if self.world_size > 1:  # log-sum-exp over the shards' columns
+            row_max = self.reduce_over_shards(log_sums.clone(), "max")
+            log_sums = self.reduce_over_shards((log_sums - row_max).exp()).log() + row_max
+        rows = self.batch_rows(torch.stack([log_sums, target_cosine.detach().to(log_sums.dtype)], dim=1))  # the whole batch
         return policy.update(rows[:, 0], rows[:, 1])
 
     # ------------------------------------------------------------------ training
@@ -120,11 +120,12 @@ class MarginHead(nn.Module):
             # float32 logits under autocast; float64 inputs (tests) stay float64
             embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
             labels = labels.view(-1).long()
-            regulariser = self.regulariser(torch.linalg.vector_norm(embeddings, dim=1))  # this rank's samples
-            if self.world_size > 1:
+            norms = torch.linalg.vector_norm(embeddings, dim=1)
+            regulariser = self.regulariser(norms)  # this rank's samples
+            if self.world_size > 1:  # the global batch's embeddings, and their norms
                 embeddings = distributed.gather_rows_with_grad(embeddings)
                 labels = distributed.all_gather_rows(labels)
-            norms = torch.linalg.vector_norm(embeddings, dim=1)
+                norms = torch.linalg.vector_norm(embeddings, dim=1)
             x_hat = embeddings / norms.clamp_min(1e-12).unsqueeze(1)
             per_sample = self.margin_inputs(norms, labels, update=True)
             local, weight = self._local_problem(labels)
@@ -173,9 +174,7 @@ class MarginHead(nn.Module):
             x_hat = F.normalize(embeddings.to(dtype))
             if self.world_size > 1:  # every rank's rows against this shard, then all shards' columns
                 x_hat = distributed.all_gather_rows(x_hat)
-            cos = cosines(x_hat, self.weight.to(dtype))[1]
-            if self.centres_per_class > 1:
-                cos = cos.view(len(cos), -1, self.centres_per_class).amax(dim=2)
+            cos = self.closest_centres(cosines(x_hat, self.weight.to(dtype))[1])
             if self.world_size == 1:
                 return cos
             columns = [shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)]
@@ -193,14 +192,18 @@ class MarginHead(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embeddings = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
             labels = labels.view(-1, 1).long()
-            cos = F.normalize(embeddings) @ F.normalize(self.weight.to(embeddings.dtype)).T
-            if self.centres_per_class > 1:
-                cos = cos.view(len(cos), -1, self.centres_per_class).amax(dim=2)
+            cos = self.closest_centres(F.normalize(embeddings) @ F.normalize(self.weight.to(embeddings.dtype)).T)
             per_sample = self.margin_inputs(torch.linalg.vector_norm(embeddings, dim=1), labels.view(-1), update=False)
             target = cos.gather(1, labels).squeeze(1)
             if self.changes_nontargets:
                 cos = self.nontarget_logits(cos, target)[0]
             return cos.scatter(1, labels, self.target_logit(target, per_sample).unsqueeze(1)) * self.scale.value
+
+    def closest_centres(self, cos: torch.Tensor) -> torch.Tensor:
+        """(B, C) cosines to each class's closest centre, from the (B, C K) cosines to every centre."""
+        if self.centres_per_class == 1:
+            return cos
+        return cos.view(len(cos), -1, self.centres_per_class).amax(dim=2)
 
     def target_cosine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) float32 cosine to the own class (its closest centre), without the (B, C) matrix."""

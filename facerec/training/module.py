@@ -89,7 +89,7 @@ class FaceRecognitionModule(L.LightningModule):
         # A skipped step must leave the model as it was: a non-finite forward has already written
         # NaN into every BatchNorm's running statistics by the time the loss shows it.
         buffers = self._model_buffers()
-        if [b.shape for b in self._buffers_before_step] != [b.shape for b in buffers]:
+        if len(self._buffers_before_step) != len(buffers):  # the first step: allocate the copies once
             self._buffers_before_step = [buffer.clone() for buffer in buffers]
         else:  # one fused multi-tensor copy, not one kernel per buffer (hundreds in an IResNet)
             torch._foreach_copy_(self._buffers_before_step, buffers)
