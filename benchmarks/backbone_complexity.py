@@ -3,10 +3,12 @@
     python benchmarks/backbone_complexity.py
 
 Counted on the meta device (shapes only, no arithmetic), so even IResNet-200 takes a second.
-FLOPs are torch.utils.flop_counter's: 2 per multiply-add of convolutions and matrix products;
-BatchNorm, PReLU and residual additions are not counted. insightface's published "GFLOPs" come
-from ptflops, which counts 1 per multiply-add and adds BatchNorm (2 per element: scale and
-shift) and PReLU (1 per element); the last column recomputes that convention for comparison.
+FLOPs are torch.utils.flop_counter's: 2 per multiply-add of convolutions and matrix products
+(a ViT's attention products included); BatchNorm, LayerNorm, activations, softmax and residual
+additions are not counted. insightface's published "GFLOPs" come from ptflops, which counts 1 per
+multiply-add and adds BatchNorm and LayerNorm (2 per element: scale and shift), PReLU and ReLU6
+(1 per element); for its ViTs, whose attention products are no nn.Module that ptflops sees,
+arcface_torch's flops.py adds them as `extra_gflops`. The last column recomputes that convention.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from facerec.backbones import build, list_backbones
 
 # ptflops' per-output-element cost of the layers FlopCounterMode leaves out.
-PTFLOPS_ELEMENTWISE = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 2, nn.PReLU: 1}
+PTFLOPS_ELEMENTWISE = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 2, nn.LayerNorm: 2, nn.PReLU: 1, nn.ReLU6: 1}
 
 
 def complexity(name: str) -> dict[str, float]:

@@ -22,12 +22,13 @@ by round, each round starting with the next path, and each path's best round cou
   lightning/1     the same, logging every step (the cost of per-step diagnostics)
 
 Per configuration: images/s, the ratio to raw (target: lightning >= 0.95), peak memory (CUDA
-allocator), FLOPs per image (torch.utils.flop_counter, forward + backward) and the model FLOP
-utilisation against the device's peak (--peak-tflops, or a datasheet figure for recent NVIDIA
-GPUs under bf16/fp16); the head's time and peak memory against nn.Linear and the bare cosine
-layer (logits + cross-entropy, forward + backward). Then the data path: RecordIO + decode + flip
-+ normalise through FaceDataModule's loader, images/s per worker, and the workers the fastest
-training path needs.
+allocator), the peak memory of one step that does not log and of one logging step (the diagnostics:
+`statistics=True`; CUDA allocator, or the profiler's allocation events on a CPU), FLOPs per image
+(torch.utils.flop_counter, forward + backward) and the model FLOP utilisation against the device's
+peak (--peak-tflops, or a datasheet figure for recent NVIDIA GPUs under bf16/fp16); the head's
+time and peak memory against nn.Linear and the bare cosine layer (logits + cross-entropy, forward +
+backward). Then the data path: RecordIO + decode + flip + normalise through FaceDataModule's
+loader, images/s per worker, and the workers the fastest training path needs.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class BareModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        return F.cross_entropy(self.head(self.backbone(images), labels), labels)
+        return self.head.loss(self.backbone(images), labels)[0]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
@@ -153,7 +154,7 @@ def raw_loop(module, cfg, batches, clock: Clock, warmup: int, steps: int, log_ev
         if step == warmup:
             clock.start()
         with autocast(precision, device):
-            loss = F.cross_entropy(head(backbone(images), labels), labels)
+            loss = head.loss(backbone(images), labels)[0]  # the training path (no diagnostics)
         (scaler.scale(loss) if scaler else loss).backward()
         take_step = True
         if guard:  # as FaceRecognitionModule.on_before_optimizer_step
@@ -200,7 +201,7 @@ def flops_per_image(cfg) -> float:
     size = module.backbone.input_size
     labels = torch.tensor([0, 1])
     with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(module.head(module.backbone(torch.randn(2, 3, size, size)), labels), labels).backward()
+        module.head.loss(module.backbone(torch.randn(2, 3, size, size)), labels)[0].backward()
     return counter.get_total_flops() / 2
 
 
@@ -244,15 +245,15 @@ def head_cost(cfg, batch_size: int, device: torch.device, repeats: int = 5) -> d
     weight = head.weight
     embeddings = torch.randn(batch_size, head.embedding_size, device=device, requires_grad=True)
     labels = torch.randint(head.num_classes, (batch_size,), device=device)
-    layers = {
-        "linear": lambda: F.linear(embeddings, weight),
-        "cosine": lambda: F.linear(F.normalize(embeddings), F.normalize(weight)),
-        "head": lambda: head(embeddings, labels),
+    losses = {
+        "linear": lambda: F.cross_entropy(F.linear(embeddings, weight), labels),
+        "cosine": lambda: F.cross_entropy(F.linear(F.normalize(embeddings), F.normalize(weight)), labels),
+        "head": lambda: head.loss(embeddings, labels)[0],  # the training path: the fused margin cross-entropy
     }
     result = {}
-    for name, logits in layers.items():
+    for name, loss in losses.items():
         def step():
-            F.cross_entropy(logits(), labels).backward()
+            loss().backward()
 
         seconds = []
         for repeat in range(repeats + 2):
@@ -271,8 +272,31 @@ def head_cost(cfg, batch_size: int, device: torch.device, repeats: int = 5) -> d
     return {"layers": result, "logits_bytes": batch_size * head.num_classes * 4, "weight_bytes": weight.numel() * 4}
 
 
-def measure(cfg, args, device: torch.device, workdir: Path) -> dict:
-    """Images/s and peak memory of every path for one composed config."""
+def step_memory(module, cfg, batch, device: torch.device) -> dict:
+    """Peak bytes of one training step above what is allocated at its start, without the diagnostics
+    ("step") and with them ("logging_step": what FaceRecognitionModule computes every
+    log_every_n_steps). The step is the module's tensor work, outside the Trainer: backbone and
+    head.loss under the configured precision, backward, optimizer step, zero_grad."""
+    precision = str(cfg.trainer.precision)
+    backbone, head = module.backbone.to(device).train(), module.head.to(device).train()
+    optimizer = module.optimizer_factory(module.parameters())
+    images, labels = batch
+
+    def step(statistics: bool) -> None:
+        with autocast(precision, device):
+            loss, _ = head.loss(backbone(images), labels, statistics=statistics)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for statistics in (False, True):  # the optimizer's state and the first calls stay out of the figures
+        step(statistics)
+    return {"step": peak_bytes(lambda: step(False), device), "logging_step": peak_bytes(lambda: step(True), device)}
+
+
+def measure(cfg, args, device: torch.device, workdir: Path) -> tuple[dict, dict]:
+    """Images/s and peak memory of every path for one composed config; the peak memory of a step
+    without and with the diagnostics (`step_memory`)."""
     configure_torch(cfg)
     torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)  # what the Trainer sets for its own path
     L.seed_everything(cfg.seed, verbose=False)
@@ -300,7 +324,7 @@ def measure(cfg, args, device: torch.device, workdir: Path) -> dict:
             rate = batch_size * args.steps / clock.seconds
             if rate > best[path]["images_per_s"]:
                 best[path] = {"images_per_s": rate, "peak_bytes": clock.peak_bytes}
-    return best
+    return best, step_memory(module, cfg, batches[0], device)
 
 
 def record_dataset(out: Path, images: int, source: Path | None) -> RecordDataset:
@@ -422,7 +446,7 @@ def benchmark_config(cfg, args, device: torch.device, workdir: Path) -> dict:
     """Measure and print one configuration; returns its figures."""
     flops = flops_per_image(cfg)
     peak = peak_flops(device, str(cfg.trainer.precision), args.peak_tflops)
-    paths = measure(cfg, args, device, workdir)
+    paths, step_peaks = measure(cfg, args, device, workdir)
     head = head_cost(cfg, int(cfg.dataset.batch_size), device)
     print(f"\n{describe(cfg)}\n  FLOPs per image (forward + backward): {flops / 1e9:.3f} G; "
           f"peak {'n/a (give --peak-tflops)' if peak is None else f'{peak / 1e12:.1f} TFLOP/s'}")
@@ -433,11 +457,14 @@ def benchmark_config(cfg, args, device: torch.device, workdir: Path) -> dict:
         mib = "n/a" if memory is None else f"{memory / 2**20:.0f}"
         mfu = "n/a" if peak is None else f"{100 * figures['mfu']:.1f}%"
         print(f"  {path:15s} {rate:10.1f} {rate / paths['raw']['images_per_s']:7.3f} {mib:>9s} {mfu:>7s}")
+    print(f"  one step's peak above its start: {step_peaks['step'] / 2**20:.1f} MiB without the diagnostics, "
+          f"{step_peaks['logging_step'] / 2**20:.1f} MiB on a logging step (statistics=True)")
     print(f"  logits + cross-entropy, forward + backward, float32 (one (B, C) tensor: {head['logits_bytes'] / 2**20:.1f} MiB, "
           f"the (C, d) weight: {head['weight_bytes'] / 2**20:.1f} MiB):")
     for name, figures in head["layers"].items():
         print(f"    {name:7s} {figures['ms']:8.2f} ms   peak {figures['peak_bytes'] / 2**20:8.1f} MiB")
-    return {"config": describe(cfg), "flops_per_image": flops, "peak_flops": peak, "paths": paths, "head": head}
+    return {"config": describe(cfg), "flops_per_image": flops, "peak_flops": peak, "paths": paths,
+            "step_peak_bytes": step_peaks, "head": head}
 
 
 def benchmark_loader(args, batch_size: int, fastest: float, device: torch.device, workdir: Path) -> dict:

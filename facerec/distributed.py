@@ -1,10 +1,10 @@
 """The collectives facerec uses, in one place: gathering rows, reductions and decisions over ranks.
 
 Every function is the identity (or the plain local answer) in a single process, so callers never
-ask whether a process group exists. Nothing here synchronises the host with the device: batches
-are equal on every rank (the data path replaces a sample that fails to decode rather than dropping
-it), so no rank needs to learn another's batch size, and decisions are reduced as tensors that the
-caller reads once (one host sync for the whole step, as a GradScaler does).
+ask whether a process group exists. Nothing a training step calls synchronises the host with the
+device: batches are equal on every rank (the data path replaces a sample that fails to decode rather
+than dropping it), so no rank needs to learn another's batch size, and decisions are reduced as
+tensors that the caller reads once (one host sync for the whole step, as a GradScaler does).
 """
 from __future__ import annotations
 
@@ -48,6 +48,46 @@ def all_gather_uneven(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     padded[: len(tensor)] = tensor
     gathered = all_gather_rows(padded).view(len(sizes), max(sizes), *tensor.shape[1:])
     return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
+
+def gather_rows_to_rank0(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order in rank 0's host memory, where rank r holds
+    sizes[r] rows; every other rank sends its rows to rank 0 and gets `tensor` itself back, so no
+    other rank's host holds the whole. For checkpoints, which rank 0 alone writes.
+
+    Point-to-point after the group's first collective, one shard in flight at a time: rank 0
+    receives a CPU tensor straight into its place in the result (gloo) and a device tensor into one
+    staging buffer on that device (NCCL has no CPU tensors) before copying it to the host, so a
+    device holds its own rows and at most one other shard. No gradient."""
+    rank, world_size = world()
+    if len(sizes) != world_size or len(tensor) != sizes[rank]:
+        raise ValueError(f"rank {rank} of {world_size} holds {len(tensor)} rows; sizes per rank: {sizes}")
+    if world_size == 1:
+        return tensor
+    rows = tensor.detach().contiguous()
+    if rank != 0:
+        if len(rows):
+            _point_to_point(dist.isend, rows, 0)
+        return tensor
+    full = rows.new_empty((sum(sizes), *rows.shape[1:]), device="cpu")
+    full[: sizes[0]] = rows
+    staging = None if rows.device.type == "cpu" else rows.new_empty((max(sizes[1:]), *rows.shape[1:]))
+    start = sizes[0]
+    for source, size in enumerate(sizes[1:], start=1):
+        if size and staging is None:
+            _point_to_point(dist.irecv, full[start : start + size], source)
+        elif size:
+            _point_to_point(dist.irecv, staging[:size], source)
+            full[start : start + size] = staging[:size]
+        start += size
+    return full
+
+
+def _point_to_point(op, tensor: torch.Tensor, peer: int) -> None:
+    """One send or receive (`op`: dist.isend or dist.irecv), waited for. Batched, although alone:
+    NCCL then uses the group's communicator, where a plain send or recv creates one per pair of ranks."""
+    for work in dist.batch_isend_irecv([dist.P2POp(op, tensor, peer)]):
+        work.wait()
 
 
 class GatherRows(torch.autograd.Function):

@@ -23,13 +23,14 @@ class NonFiniteImages(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """The process sends itself `signal` as global step `step` starts (a preemption, a SLURM warning)."""
+    """The process sends itself `signal` as global step `step` starts (a preemption, a SLURM warning);
+    with `rank`, only that rank's process does (signals reach DDP ranks at different times)."""
 
-    def __init__(self, step: int, signal: str = "SIGTERM"):
-        self.step, self.signal = int(step), getattr(signal_module, signal)
+    def __init__(self, step: int, signal: str = "SIGTERM", rank: int | None = None):
+        self.step, self.signal, self.rank = int(step), getattr(signal_module, signal), rank
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signal)
 
 
@@ -52,8 +53,9 @@ def nonfinite_images_at(*steps: int) -> str:
     return f"+callbacks.fault={{_target_:tests.fault_injection.NonFiniteImages,steps:[{','.join(map(str, steps))}]}}"
 
 
-def signal_at(step: int, name: str = "SIGTERM") -> str:
-    return f"+callbacks.fault={{_target_:tests.fault_injection.SignalAtStep,step:{step},signal:{name}}}"
+def signal_at(step: int, name: str = "SIGTERM", rank: int | None = None) -> str:
+    only = "" if rank is None else f",rank:{rank}"
+    return f"+callbacks.fault={{_target_:tests.fault_injection.SignalAtStep,step:{step},signal:{name}{only}}}"
 
 
 class RecordBuffers(L.Callback):

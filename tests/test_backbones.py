@@ -31,7 +31,7 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def test_registry_lists_every_backbone():
-    assert set(list_backbones()) == {"tiny", *FACE_BACKBONES}
+    assert set(list_backbones()) == {"tiny", *FACE_BACKBONES, "vit_t", "vit_s", "vit_b", "vit_l"}  # ViTs: tests/test_vit.py
 
 
 @pytest.mark.parametrize("name", FACE_BACKBONES)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import CONF_DIR, compose_config
@@ -83,7 +84,7 @@ def test_insightface_weights_give_the_numbers_of_the_same_weights_in_a_checkpoin
     assert [list(t.shape) for t in insightface_state.values()] == list(r18.values())
     torch.save(insightface_state, tmp_path / "backbone.pth")
     model_config = compose_config(["model=iresnet18"], tmp_path, config_name="eval").model
-    checkpoint = write_checkpoint(tmp_path / "r18.ckpt", dict(model_config), backbone)
+    checkpoint = write_checkpoint(tmp_path / "r18.ckpt", OmegaConf.to_container(model_config), backbone)
 
     from_weights, weights_json = evaluate_in_process(["model=iresnet18", f"weights={tmp_path / 'backbone.pth'}", *SMALL_SET], tmp_path / "w")
     from_checkpoint, checkpoint_json = evaluate_in_process([f"ckpt_path={checkpoint}", *SMALL_SET], tmp_path / "c")

@@ -34,7 +34,8 @@ def test_throughput_benchmark_runs_in_a_tiny_configuration(tmp_path):
         "--compile", "off", "all", "--steps", "2", "--log-every", "2", "--warmup", "1", "--rounds", "1",
         "--data-source", "synthetic", "--data-images", "64", "--data-batches", "2", "--out", str(out),
     ])
-    for line in ["raw+guard", "lightning/bare", "lightning/1", "FLOPs per image", "compile=backbone+head", "data path:", "worker(s) at", "summary"]:
+    for line in ["raw+guard", "lightning/bare", "lightning/1", "FLOPs per image", "compile=backbone+head", "data path:", "worker(s) at", "summary",
+                 "MiB on a logging step (statistics=True)"]:
         assert line in result.stdout, result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     configs, data = rows[:-1], rows[-1]["data_path"]
@@ -42,4 +43,5 @@ def test_throughput_benchmark_runs_in_a_tiny_configuration(tmp_path):
     for row in configs:
         assert all(figures["images_per_s"] > 0 for figures in row["paths"].values())
         assert row["flops_per_image"] > 0 and row["head"]["layers"]["head"]["peak_bytes"] > 0
+        assert row["step_peak_bytes"]["step"] > 0 and row["step_peak_bytes"]["logging_step"] > 0
     assert data["source"] == "synthetic" and data["images_per_s"]["1"] > 0

@@ -4,11 +4,18 @@ insightface trains its trunks under fp16 autocast but runs the final FC (and its
 in float32, because the embedding is what the margin head and the verification scores read.
 `autocast="fp16"|"bf16"` does the same here, on any device and also inside a Lightning
 `precision=...-mixed` run (the embedding layer then opts out of the outer autocast).
+
+`checkpointed` is the gradient checkpointing the deep backbones share (`gradient_checkpointing=True`).
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -75,3 +82,38 @@ class FlatEmbedding(FaceBackbone):
     def embedding(self, features: torch.Tensor) -> torch.Tensor:
         # flatten reads NCHW order whatever the memory format, so fc weights stay interchangeable
         return self.features(self.fc(self.dropout(self.bn2(features).flatten(1))))
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Undo, on exit, what a training forward of `module` wrote into its BatchNorms' running statistics."""
+    statistics = [
+        buffer
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats
+        for buffer in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+    ]
+    saved = [buffer.clone() for buffer in statistics]
+    try:
+        yield
+    finally:
+        if statistics:  # (a ViT block has no BatchNorm)
+            with torch.no_grad():
+                torch._foreach_copy_(statistics, saved)
+
+
+def checkpointed(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """`module(inputs)` keeping none of the activations inside `module` for backward: backward runs
+    the module's forward again (same RNG state, same autocast) to recompute them.
+
+    Eager recomputation would apply each BatchNorm's momentum update a second time; it runs inside
+    `batchnorm_statistics_kept`, so running statistics end as without checkpointing. Compiled graphs
+    recompute without mutating buffers (and torch.compile accepts no such context), so none is passed there.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(module, inputs, use_reentrant=False)
+    return checkpoint(module, inputs, use_reentrant=False, context_fn=partial(_forward_and_recompute_contexts, module))
+
+
+def _forward_and_recompute_contexts(module: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    return contextlib.nullcontext(), batchnorm_statistics_kept(module)

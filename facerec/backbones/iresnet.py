@@ -4,6 +4,9 @@ Module and parameter names follow insightface's `backbones/iresnet.py`, so the s
 it publishes (`r50/backbone.pth`, ...) load with `strict=True`. The layout: a 3x3 stem at full
 112x112 resolution, four stages of "improved" basic blocks, each stage halving the resolution
 (112 -> 56 -> 28 -> 14 -> 7), then BN -> dropout -> FC -> BN to the embedding.
+`gradient_checkpointing=True` recomputes each block's activations in backward (training only).
+insightface's iresnet.py has a module-level `using_ckpt = False` for this, whose checkpoint branch
+calls a misspelt method (`forard_imlp`), so it cannot be switched on there.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from facerec.backbones.base import FlatEmbedding
+from facerec.backbones.base import FlatEmbedding, checkpointed
 from facerec.backbones.registry import register
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
@@ -67,8 +70,10 @@ class IResNet(FlatEmbedding):
         dropout: float = 0.0,
         autocast: str | None = None,
         channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__(embedding_size, autocast, channels_last)
+        self.gradient_checkpointing = gradient_checkpointing
         if depth not in STAGE_BLOCKS:
             raise ValueError(f"IResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
         blocks = STAGE_BLOCKS[depth]
@@ -90,7 +95,11 @@ class IResNet(FlatEmbedding):
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(images)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if not (self.gradient_checkpointing and self.training):
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for block in (*self.layer1, *self.layer2, *self.layer3, *self.layer4):
+            x = checkpointed(block, x)
+        return x
 
 
 for _depth in STAGE_BLOCKS:

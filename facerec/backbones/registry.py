@@ -8,6 +8,10 @@ from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
+# Keys of a conf/model config that are not constructor options: train.py applies them to the built
+# backbone (the weights it starts from, the parameters it keeps fixed; facerec.training.fit).
+TRAINING_INIT_KEYS = ("weights", "freeze")
+
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -24,9 +28,18 @@ def list_backbones() -> list[str]:
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build the backbone registered as `name`; kwargs go to its constructor."""
+    """Build the backbone registered as `name`; kwargs go to its constructor. The training
+    initialisation keys of a model config (TRAINING_INIT_KEYS) are accepted only when unset: a
+    freshly built backbone neither loads weights nor freezes parameters."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    for key in TRAINING_INIT_KEYS:
+        value = kwargs.pop(key, None)
+        if value:
+            raise ValueError(
+                f"model.{key}={value!r} is applied by train.py to the backbone it builds "
+                f"(facerec.training.fit.build_module), not by build({name!r}); build the backbone without it"
+            )
     constructor = _REGISTRY[name]
     options = inspect.signature(constructor).parameters
     unknown = sorted(set(kwargs) - set(options))

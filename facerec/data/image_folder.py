@@ -61,30 +61,55 @@ class FolderScan:
         return self.root / os.fsdecode(self.paths[index])
 
 
-def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None = None) -> FolderScan:
-    """The identities and images of `root` under the rules of the module docstring."""
-    root = Path(root)
+def identity_folders(root: Path, identities: str | Path | Sequence[str] | None = None) -> list[str]:
+    """The identity folders of `root` to look in: its sub-folders in sorted order, or the identity
+    list's names (each must have a folder, none may repeat)."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     if identities is None:
         wanted = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         if not wanted:
             raise ValueError(f"{root} holds no identity folders (expected root/<identity>/<image>)")
-    else:
-        wanted = read_identity_list(identities) if isinstance(identities, (str, Path)) else [str(n) for n in identities]
-        missing = [name for name in wanted if not (root / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} listed identities have no folder under {root}, e.g. {missing[:3]}"
-                + (f" (list: {identities})" if isinstance(identities, (str, Path)) else "")
-            )
-        repeated = [name for name, count in Counter(wanted).items() if count > 1]
-        if repeated:
-            raise ValueError(f"the identity list repeats {len(repeated)} names, e.g. {repeated[:3]}")
+        return wanted
+    wanted = read_identity_list(identities) if isinstance(identities, (str, Path)) else [str(n) for n in identities]
+    missing = [name for name in wanted if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} listed identities have no folder under {root}, e.g. {missing[:3]}"
+            + (f" (list: {identities})" if isinstance(identities, (str, Path)) else "")
+        )
+    repeated = [name for name, count in Counter(wanted).items() if count > 1]
+    if repeated:
+        raise ValueError(f"the identity list repeats {len(repeated)} names, e.g. {repeated[:3]}")
+    return wanted
+
+
+def has_image_suffix(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def count_identities(root: str | Path, identities: str | Path | Sequence[str] | None = None) -> int:
+    """How many identities scan_folder labels (those whose folder holds an image), from the folder
+    listings alone: no image is read, and each listing stops at its first image."""
+    root = Path(root)
+    wanted = identity_folders(root, identities)
+    count = 0
+    for name in wanted:
+        with os.scandir(root / name) as entries:
+            count += any(entry.is_file() and has_image_suffix(entry.name) for entry in entries)
+    if not count:
+        raise ValueError(f"{root}: no images found in {len(wanted)} identity folders")
+    return count
+
+
+def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None = None) -> FolderScan:
+    """The identities and images of `root` under the rules of the module docstring."""
+    root = Path(root)
+    wanted = identity_folders(root, identities)
     names, paths, labels, empty, skipped = [], [], [], [], 0
     for name in wanted:
         files = sorted(entry.name for entry in os.scandir(root / name) if entry.is_file())
-        images = [file for file in files if Path(file).suffix.lower() in IMAGE_SUFFIXES]
+        images = [file for file in files if has_image_suffix(file)]
         skipped += len(files) - len(images)
         if not images:
             empty.append(name)
@@ -102,7 +127,10 @@ def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None 
 
 
 class ImageFolderDataset(EncodedImages):
-    """Training set over `root/<identity>/<image>`; num_classes is the number of identities with images."""
+    """Training set over `root/<identity>/<image>`; its classes are the identities with images.
+
+    num_classes: the configured class count, checked against the folder; None takes the folder's.
+    """
 
     def __init__(
         self,
@@ -111,10 +139,24 @@ class ImageFolderDataset(EncodedImages):
         image_size: int = 112,
         flip: bool = True,
         strict: bool = False,
+        num_classes: int | None = None,
     ):
         self.scan = scan_folder(root, identities)
-        super().__init__(len(self.scan.names), image_size, flip, strict)
+        found = len(self.scan.names)
+        if num_classes is not None and num_classes != found:
+            among = " among the listed identities" if identities is not None else ""
+            raise ValueError(
+                f"dataset.num_classes={num_classes} but {self.scan.root} holds {found} identity folders with "
+                f"images{among}; set dataset.num_classes={found}, or leave it out (null) to read it from the folder"
+            )
+        super().__init__(found, image_size, flip, strict)
         log.info("%s: %d images of %d identities", self.scan.root, len(self), self.num_classes)
+
+    @classmethod
+    def count_classes(cls, root: str | Path, identities: str | Path | Sequence[str] | None = None) -> int:
+        """The class count of the set over `root` (and `identities`), from the folder listings alone;
+        what train.py reads when dataset.num_classes is left out."""
+        return count_identities(root, identities)
 
     def __len__(self) -> int:
         return len(self.scan.labels)

@@ -46,28 +46,28 @@ def record_label(label) -> int:
 class RecordDataset(EncodedImages):
     """An insightface training folder `root` (train.rec, train.idx, property).
 
-    num_classes: the configured class count; it must equal the `property` file's,
-    and a record whose label is outside [0, num_classes) raises naming both.
+    num_classes: the configured class count; it must equal the `property` file's (None takes the
+    property's), and a record whose label is outside [0, num_classes) raises naming both.
     """
 
     def __init__(
         self,
         root: str | Path,
-        num_classes: int,
+        num_classes: int | None = None,
         image_size: int = 112,
         flip: bool = True,
         strict: bool = False,
         rec_file: str = "train.rec",
         idx_file: str = "train.idx",
     ):
-        super().__init__(num_classes, image_size, flip, strict)
         self.root = Path(root)
         stated, height, width = read_property(self.root / "property")
-        if stated != self.num_classes:
+        if num_classes is not None and num_classes != stated:
             raise ValueError(
-                f"{self.root / 'property'} states {stated} classes but dataset.num_classes={self.num_classes}; "
-                "set dataset.num_classes to the property's value"
+                f"{self.root / 'property'} states {stated} classes but dataset.num_classes={num_classes}; "
+                f"set dataset.num_classes={stated}, or leave it out (null) to read it from the property file"
             )
+        super().__init__(stated, image_size, flip, strict)
         if (height, width) != (self.image_size, self.image_size):
             log.info("%s holds %dx%d images; they are fitted to %d x %d", self.root, height, width, image_size, image_size)
         self.reader = RecordIOReader(self.root / rec_file, self.root / idx_file)
@@ -92,6 +92,12 @@ class RecordDataset(EncodedImages):
             self.image_keys = self.reader.keys.copy()
             self.identity_keys = np.empty(0, dtype=np.int64)
         log.info("%s: %d images of %d identities", self.root, len(self.image_keys), self.num_classes)
+
+    @classmethod
+    def count_classes(cls, root: str | Path) -> int:
+        """The class count the `property` file of `root` states; what train.py reads when
+        dataset.num_classes is left out."""
+        return read_property(Path(root) / "property")[0]
 
     def __len__(self) -> int:
         return len(self.image_keys)

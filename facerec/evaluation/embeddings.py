@@ -1,6 +1,8 @@
 """Embedding extraction with the flip test, batched over a verification set, on any device."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -11,16 +13,45 @@ FLIP_MODES = ("sum", "concat", "none")
 
 def embed(backbone: nn.Module, images: torch.Tensor, flip: str = "sum") -> torch.Tensor:
     """Float32 embeddings of a batch: flip="sum" gives e(x) + e(flip(x)) (the convention),
-    "concat" gives [e(x), e(flip(x))], "none" gives e(x)."""
+    "concat" gives [e(x), e(flip(x))], "none" gives e(x). The result never shares memory with the
+    backbone's outputs, so it may be kept across batches (a metric does) under CUDA graphs too."""
     if flip not in FLIP_MODES:
         raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
-    plain = backbone(images).float()
+    plain = _forward_copy(backbone, images)
     if flip == "none":
         return plain
     # Two passes of the batch, not one of twice its size: the batch size stays the one asked for
     # (the tiny net on a CPU: 1,010 images/s at batch 128, 700 at batch 256).
-    flipped = backbone(images.flip(-1)).float()
+    flipped = _forward_copy(backbone, images.flip(-1))
     return plain + flipped if flip == "sum" else torch.cat([plain, flipped], dim=1)
+
+
+def begin_cudagraph_step() -> None:
+    """Start a new CUDA-graph step (torch.compiler.cudagraph_mark_step_begin): from then on the
+    CUDA graphs of compiled modules (compile.mode=reduce-overhead or max-autotune) may overwrite
+    the outputs they returned before it.
+
+    Once a step has been marked anywhere in the process, CUDA-graph trees begin new steps only where
+    marked (their own rule, a new step at each compiled call with no backward pending, is off), so
+    every loop that replays compiled graphs should mark its steps. The mark lives in inductor's
+    CUDA-graph trees, whose first import costs seconds; until a compiled call has imported them no
+    CUDA graph exists, and this does nothing.
+    """
+    if "torch._inductor.cudagraph_trees" in sys.modules:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _forward_copy(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, d) float32 output of one backbone call, in a step of its own and copied out.
+
+    A backbone compiled with CUDA graphs returns its graph's static output buffer, which the next
+    replay overwrites: the flipped pass would overwrite the plain one, and the next batch what a
+    metric kept.
+    """
+    begin_cudagraph_step()
+    output = backbone(images)
+    # .float() of a float32 tensor is that tensor: the copy is explicit (B x d, nothing next to the forward)
+    return output.float() if output.dtype != torch.float32 else output.clone()
 
 
 def embedding_table(embeddings: torch.Tensor, indices: torch.Tensor, num_images: int) -> torch.Tensor:

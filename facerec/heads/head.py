@@ -17,13 +17,13 @@ CurricularFace), K centres per class (`centres_per_class`, Sub-center ArcFace) o
 the embedding norms (`regulariser`, MagFace). `per_sample=None` is the nominal margin, the one scale
 policies evaluate when they are bound.
 
-Checkpoints hold the full (C K, d) matrix whatever the sharding (`state_dict` gathers the rows,
-loading keeps this rank's), so a checkpoint resumes on any number of ranks, sharded or not.
+Checkpoints hold the full (C K, d) matrix whatever the sharding (`state_dict` gathers the rows on
+rank 0, which writes the file, and gives each other rank its own rows; loading the full matrix keeps
+this rank's), so a checkpoint resumes on any number of ranks, sharded or not.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -234,18 +234,15 @@ class MarginHead(nn.Module):
         return ["weight"] if world_size > 1 else []
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The full (C K, ...) tensor, on the CPU of every rank, from each rank's rows (one shard in
-        flight at a time, so a device never holds more than its own twice)."""
+        """The full (C K, ...) tensor in rank 0's host memory from each rank's rows (C K, ...)/R;
+        every other rank sends its rows there and gets `rows` back (only rank 0 writes checkpoints,
+        so only its host holds the full tensor). One shard in flight at a time: a device never
+        holds more than its own rows twice. Unsharded: `rows` as they are."""
         if self.world_size == 1:
             return rows
         k = self.centres_per_class
-        full = rows.new_empty((self.num_classes * k, *rows.shape[1:]), device="cpu")
-        for rank in range(self.world_size):
-            start, count = shard_range(self.num_classes, self.world_size, rank)
-            part = rows.detach().contiguous() if rank == self.rank else rows.new_empty((count * k, *rows.shape[1:]))
-            dist.broadcast(part, src=rank)
-            full[start * k : (start + count) * k] = part.cpu()
-        return full
+        sizes = [shard_range(self.num_classes, self.world_size, rank)[1] * k for rank in range(self.world_size)]
+        return distributed.gather_rows_to_rank0(rows, sizes)
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (C K, ...) tensor (a copy)."""
@@ -257,12 +254,14 @@ class MarginHead(nn.Module):
 
     def gather_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
         """In a checkpoint's optimizer states, make the centres' per-row state (momentum, Adam's
-        moments) full; `param_index`: the centres' key in the optimizer state. No-op when dense."""
+        moments) full on rank 0, which writes the file (the other ranks keep their own rows, as in
+        `state_dict`); `param_index`: the centres' key in the optimizer state. No-op when dense."""
         if self.world_size > 1:
             _map_rows(optimizer_states, param_index, self.weight.shape, self.gather_rows)
 
     def shard_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
-        """The inverse on load: keep this rank's rows of the full per-row state."""
+        """The inverse on load: keep this rank's rows of the full per-row state (a state of this
+        rank's rows only stays as it is)."""
         if self.world_size > 1:
             full = (self.num_classes * self.centres_per_class, *self.weight.shape[1:])
             _map_rows(optimizer_states, param_index, full, self.local_rows)

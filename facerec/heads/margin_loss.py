@@ -35,13 +35,21 @@ if TYPE_CHECKING:
     from facerec.heads.head import MarginHead
 
 
-def row_block(num_columns: int, device: torch.device) -> int:
-    """Rows per block for loops over an (N, m) matrix. On the CPU ~2^17 elements, whose temporaries
-    stay in cache (one (N, m) temporary made those passes ~2x slower); on a GPU the whole matrix in a
-    few blocks, since each block is a handful of kernel launches and launches, not bandwidth, would
-    bound the loop (2^26 elements: 256 MB of float32)."""
-    elements = 2**17 if device.type == "cpu" else 2**26
-    return max(1, elements // max(1, num_columns))
+CPU_BLOCK_ELEMENTS = 2**17  # 512 KB of float32: a block's temporaries stay in cache
+DEVICE_ROW_BLOCKS = 8
+
+
+def row_block(num_rows: int, num_columns: int, device: torch.device) -> int:
+    """Rows per block for the loops over a (num_rows, num_columns) matrix.
+
+    On the CPU ~2^17 elements, whose temporaries stay in cache (one whole-matrix temporary made those
+    passes ~2x slower). On a GPU launches, not bandwidth, bound such a loop, so it runs in a fixed
+    number of blocks, DEVICE_ROW_BLOCKS: the op count does not grow with C, and a block's temporaries
+    (the statistics' copy of the cosines) stay within 1/8 of the (N, m) matrix the loss already holds.
+    """
+    if device.type == "cpu":
+        return max(1, CPU_BLOCK_ELEMENTS // max(1, num_columns))
+    return max(1, -(-num_rows // DEVICE_ROW_BLOCKS))
 
 
 def cosines(x_hat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +66,12 @@ def cosine_grads(
     grad_x_hat = grad_raw @ weight
     grad_weight = grad_raw.T @ x_hat
     # Through w / |w|: remove from each row its component along w (the normalisation's Jacobian), in
-    # place. On the CPU 256 rows at a time: a block stays in cache between its dot products and its
-    # update, where whole (m, d) passes cost 2x as much. On a GPU in one pass (no per-block launches).
-    rows = 256 if weight.device.type == "cpu" else len(weight)
+    # place, in row blocks: on the CPU a block stays in cache between its dot products and its update,
+    # where whole (m, d) passes cost 2x as much.
+    rows = row_block(len(weight), weight.shape[1], weight.device)
     for w, g, n in zip(weight.split(rows), grad_weight.split(rows), norms.split(rows)):
-        g.addcmul_(w, (torch.linalg.vecdot(w, g) / n.square()).unsqueeze(1), value=-1)
+        dots = torch.bmm(w.unsqueeze(1), g.unsqueeze(2)).view(-1)  # row-wise w.g without a (rows, d) product
+        g.addcmul_(w, (dots / n.square()).unsqueeze(1), value=-1)
     return grad_x_hat, grad_weight
 
 
@@ -85,7 +94,7 @@ def nontarget_angles(cos: torch.Tensor, column: torch.Tensor, held: torch.Tensor
     """Per sample: the largest cosine to another class among these columns, and the sum of the angles
     (radians) to the other classes among them. In row blocks: no full copy of the (N, m) matrix."""
     nearest, angle_sums = [], []
-    rows = row_block(cos.shape[1], cos.device)
+    rows = row_block(*cos.shape, cos.device)
     for c, col, h in zip(cos.split(rows), column.split(rows), held.split(rows)):
         other = c.clone()
         own = other.gather(1, col)
@@ -93,6 +102,7 @@ def nontarget_angles(cos: torch.Tensor, column: torch.Tensor, held: torch.Tensor
         nearest.append(other.amax(dim=1) if other.shape[1] else other.new_full((len(other),), -math.inf))
         other.scatter_(1, col, torch.where(h.unsqueeze(1), 0.0, own))  # acos(0) = pi / 2, subtracted below
         angle_sums.append(other.clamp_(-1 + COS_EPS, 1 - COS_EPS).acos_().sum(dim=1) - h * (math.pi / 2))
+        del other  # before the next block's copy: one block's copy alive at a time
     return torch.cat(nearest), torch.cat(angle_sums)
 
 

@@ -246,9 +246,9 @@ class DynamicScale(ScalePolicy):
         A label < 0 says that the row's class is not among the columns (a class-sharded head: it
         lives on another rank), so every column counts. A log-sum-exp in float32, so no overflow
         at any s. It runs over blocks of rows holding ~2^17 cosines: their temporaries stay in
-        cache, where one (B, C) temporary made it ~2x slower (on a GPU: a few large blocks).
+        cache, where one (B, C) temporary made it ~2x slower (on a GPU: a fixed number of blocks).
         """
-        rows = row_block(cosine.shape[1], cosine.device)
+        rows = row_block(*cosine.shape, cosine.device)
         sums = []
         for cos, y in zip(cosine.detach().split(rows), labels.split(rows)):
             logits = cos.float() * self.s
@@ -258,6 +258,7 @@ class DynamicScale(ScalePolicy):
             held = (y >= 0).unsqueeze(1)
             logits.scatter_(1, column, torch.where(held, -math.inf, logits.gather(1, column)))
             sums.append(torch.logsumexp(logits, dim=1))
+            del logits  # before the next block's copy
         return torch.cat(sums)
 
     @torch.no_grad()

@@ -1,15 +1,31 @@
 """Build the data, model, head and trainer from a Hydra config and train."""
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import types
+from collections.abc import Sequence
+from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
-from facerec.training.checkpoints import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.backbones.registry import TRAINING_INIT_KEYS
+from facerec.training.checkpoints import (
+    LAST,
+    build_backbone,
+    checkpoint_config,
+    find_last_checkpoint,
+    initialise_backbone,
+    load_checkpoint,
+)
 from facerec.training.checks import check_data_and_model, check_launch, check_precision
 from facerec.training.cluster import slurm_job_id
 from facerec.config import instantiate_all
@@ -26,8 +42,90 @@ def configure_torch(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision(cfg.torch.matmul_precision)
 
 
-def build_module(cfg: DictConfig) -> FaceRecognitionModule:
-    backbone = instantiate(cfg.model)
+def read_num_classes(cfg: DictConfig) -> None:
+    """Fill in dataset.num_classes when it is left out (null or absent): read once from the training
+    data, before anything is built, by the training set's class: a class whose class count is in its
+    data offers a classmethod `count_classes`, called with the training config's entries it names
+    (ImageFolderDataset: the identity folders holding images; RecordDataset: the `property` file).
+    A stated count is left as it is; the training set checks it against its data. The number read is
+    written into the config Hydra saved in the run dir, so the run's saved config states it."""
+    if OmegaConf.select(cfg, "dataset.num_classes") is not None:
+        return
+    train_config = cfg.dataset.train
+    count_classes = getattr(get_class(train_config._target_), "count_classes", None)
+    if count_classes is None:
+        raise ValueError(
+            f"dataset.num_classes is not set, and the training set {train_config._target_} cannot read its class "
+            "count from its data: state dataset.num_classes=<number of classes>"
+        )
+    arguments = {name: train_config[name] for name in inspect.signature(count_classes).parameters if name in train_config}
+    num_classes = int(count_classes(**arguments))
+    with open_dict(cfg):
+        cfg.dataset.num_classes = num_classes
+    log.info("dataset.num_classes = %d, read from the training data (%s)", num_classes, train_config.get("root", train_config._target_))
+    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
+        saved = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir / "config.yaml"
+        if saved.is_file():  # only the rank that saved it (the others run with hydra.output_subdir=null)
+            saved_config = OmegaConf.load(saved)
+            saved_config.dataset.num_classes = num_classes
+            temporary = saved.with_name(f".{saved.name}.tmp")
+            OmegaConf.save(saved_config, temporary)
+            os.replace(temporary, saved)  # never a half-written config
+
+
+def freeze(backbone: nn.Module, prefixes: str | Sequence[str]) -> list[str]:
+    """Keep the backbone's parameters whose names start with any of `prefixes` fixed (model.freeze,
+    e.g. linear probing); returns their names. They get requires_grad=False: no gradient, so the
+    optimizers (which skip a parameter without one) never change them, weight decay and momentum
+    included. A BatchNorm whose parameters and statistics are all frozen normalises with its running
+    statistics and keeps them (eval mode): a forward pre-hook puts it back in eval mode whenever the
+    backbone runs in training mode, since Lightning sets the whole model to train mode at each epoch
+    and after each validation."""
+    prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(str(prefix) for prefix in prefixes)
+    names = [name for name, _ in backbone.named_parameters()]
+    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+    if unmatched:
+        tops = dict.fromkeys(name.split(".")[0] for name in names)  # in the backbone's order
+        raise ValueError(
+            f"model.freeze={list(prefixes)}: no parameter name of the backbone {type(backbone).__name__} starts with "
+            f"{', '.join(map(repr, unmatched))}; its parameters are named {', '.join(tops)}.<...> (backbone.named_parameters())"
+        )
+    frozen = [name for name in names if name.startswith(prefixes)]
+    for name in frozen:
+        backbone.get_parameter(name).requires_grad_(False)
+    batchnorms = [
+        name
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and all(
+            f"{name}.{key}".startswith(prefixes)
+            for key, _ in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        )
+    ]
+    if batchnorms:
+        backbone.register_forward_pre_hook(partial(keep_in_eval_mode, batchnorms))
+    return frozen
+
+
+def keep_in_eval_mode(names: list[str], backbone: nn.Module, args) -> None:
+    """Forward pre-hook: the backbone's submodules `names` run in eval mode even in training."""
+    if backbone.training:
+        for name in names:
+            backbone.get_submodule(name).eval()
+
+
+def build_module(cfg: DictConfig, load_weights: bool = True) -> FaceRecognitionModule:
+    """The module a run config describes. The backbone starts from model.weights when set (and
+    `load_weights`: a resumed run takes its weights from the checkpoint), then model.freeze applies."""
+    read_num_classes(cfg)
+    backbone = build_backbone(cfg.model)
+    if cfg.model.get("weights") and load_weights:
+        initialise_backbone(backbone, cfg.model, cfg.model.weights)
+        log.info("backbone initialised from model.weights=%s", cfg.model.weights)
+    if cfg.model.get("freeze"):
+        frozen = freeze(backbone, cfg.model.freeze)
+        total = len(list(backbone.parameters()))
+        log.info("model.freeze=%s: %d of the backbone's %d parameter tensors frozen", cfg.model.freeze, len(frozen), total)
     head = instantiate(cfg.head, scale=instantiate(cfg.scale))
     if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks (same head)
         head = instantiate(cfg.sharding, head)
@@ -47,11 +145,19 @@ def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
 
     nn.Module.compile compiles the module's call in place, so parameter names, checkpoints and
     exports stay as they are (torch.compile(module) would prefix every key with `_orig_mod.`).
+    Training never calls the head (it calls `head.loss`), so the head's `loss` is compiled too, as
+    a method bound to this head and kept in its instance dict: parameters and checkpoint keys stay
+    as they are, a deep copy binds the compiled function to the copy, and a pickled head comes back
+    with the plain method (as nn.Module.compile's call does). What dynamo makes of it (graph breaks
+    inside MarginCrossEntropy, a backward that stays eager): docs/benchmarks.md.
     """
     kwargs = {key: options[key] for key in ("mode", "backend") if options.get(key) is not None}
-    for name in ("backbone", "head"):
-        if options.get(name):
-            getattr(module, name).compile(**kwargs)
+    if options.get("backbone"):
+        module.backbone.compile(**kwargs)
+    if options.get("head"):
+        head = module.head
+        head.compile(**kwargs)  # head(embeddings[, labels]): inspection logits
+        head.loss = types.MethodType(torch.compile(type(head).loss, **kwargs), head)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
@@ -76,13 +182,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 
 
 def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
-    """A checkpoint resumes only into the same backbone and the same classes."""
+    """A checkpoint resumes only into the same backbone and the same classes (model.weights and
+    model.freeze aside: a resumed run takes its weights from the checkpoint)."""
     saved = checkpoint_config(checkpoint, path)
     current = OmegaConf.to_container(cfg, resolve=True)
+
+    def architecture(model: dict) -> dict:
+        return {key: value for key, value in model.items() if key not in TRAINING_INIT_KEYS}
+
     problems = [
         f"{key}: checkpoint {saved_value!r}, config {current_value!r}"
         for key, saved_value, current_value in [
-            ("model", saved.get("model"), current["model"]),
+            ("model", architecture(saved["model"]), architecture(current["model"])),
             ("dataset.num_classes", saved.get("dataset", {}).get("num_classes"), current["dataset"]["num_classes"]),
             ("head._target_", saved.get("head", {}).get("_target_"), current["head"]["_target_"]),
         ]
@@ -100,10 +211,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
     configure_torch(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    read_num_classes(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; Lightning reads the tensors
         check_resume_compatible(cfg, checkpoint, ckpt_path)
+        if cfg.model.get("weights"):
+            log.info("model.weights=%s is not loaded: the resumed run takes its weights from %s", cfg.model.weights, ckpt_path)
         run_id = checkpoint.get("wandb_run_id")
         if run_id and cfg.get("logger") and cfg.logger.get("wandb"):
             with open_dict(cfg):
@@ -111,7 +225,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s (step %d)", ckpt_path, checkpoint.get("global_step", -1))
         del checkpoint
     datamodule = instantiate(cfg.dataset)
-    module = build_module(cfg)
+    module = build_module(cfg, load_weights=ckpt_path is None)
     check_data_and_model(datamodule, module)
     compile_model(module, cfg.compile)  # after the checks: their eager CPU forward would compile a graph never used again
     loggers = instantiate_all(cfg.get("logger"))

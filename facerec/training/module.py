@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from facerec import distributed
 from facerec.evaluation import VerificationMetric, embed, log_to_wandb
+from facerec.evaluation.embeddings import begin_cudagraph_step
 from facerec.heads import MarginHead
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class FaceRecognitionModule(L.LightningModule):
     class-sharded; the module never asks which).
 
     optimizer: a factory `params -> Optimizer` (Hydra `_partial_`); scheduler: an
-    optional factory `(optimizer, total_steps) -> LRScheduler`, stepped per batch.
+    optional factory `(optimizer, total_steps) -> LRScheduler`, stepped per optimizer step.
     flip: the flip-test mode for verification embeddings ("sum", "concat", "none").
     config: the resolved run config, saved in checkpoints so eval/export can
     rebuild the model without the original command line.
@@ -41,6 +42,22 @@ class FaceRecognitionModule(L.LightningModule):
     on every rank and leaves the model exactly as it was (parameters, optimizer state and buffers:
     BatchNorm statistics, the dynamic s, the margins' EMAs); it is counted and logged, and this many
     in a row stop the run.
+
+    Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
+    of k micro-batches of B = dataset.batch_size samples, and Lightning divides each micro-batch's loss
+    by k, so a step's gradient is that of the mean loss over its k B samples, as one batch of k B gives
+    (the epoch's last step, when the epoch's batch count is not a multiple of k, has m < k
+    micro-batches: their losses are scaled by k / m here, so that step too is a mean). The LR schedule
+    counts optimizer steps. The head's state (the dynamic s, AdaFace's norm mean and std, CurricularFace's
+    t) and BatchNorm's statistics advance at every micro-batch, from that micro-batch's samples, as a
+    run with batches of B samples would: a micro-batch's loss needs the s and the margin inputs of
+    its step, and statistics of the whole accumulated batch exist only after the last micro-batch's
+    forward, so the earlier micro-batches would need a second forward, or all k graphs held at once
+    (the memory accumulation is there to save). An EMA of rate a thus moves k times per optimizer step, about one move
+    of rate k a from the whole batch: a / k keeps its horizon in optimizer steps. The non-finite guard
+    takes its copy of the buffers before a step's first micro-batch and tests every micro-batch's
+    loss, so a skipped step undoes all k updates. The training diagnostics are computed and logged
+    once per optimizer step, from its last micro-batch; train/loss is the mean over its micro-batches.
     """
 
     def __init__(
@@ -68,7 +85,7 @@ class FaceRecognitionModule(L.LightningModule):
         # buffers: saved in checkpoints, so the counts survive a resume
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
-        self._last_loss: torch.Tensor | None = None
+        self._step_losses: list[torch.Tensor] = []  # the detached losses of this optimizer step's micro-batches
         self._buffers_before_step: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -84,30 +101,56 @@ class FaceRecognitionModule(L.LightningModule):
         """The buffers a training forward may change: BatchNorm statistics, the dynamic s, EMAs."""
         return [*self.backbone.buffers(), *self.head.buffers()]
 
+    def _micro_batch_position(self, batch_idx: int) -> tuple[bool, bool, int]:
+        """(whether this batch is the first micro-batch of an optimizer step, whether the step follows
+        it, the number of micro-batches the step sums) under trainer.accumulate_grad_batches = k:
+        Lightning zeroes the gradients before the batches with batch_idx % k == 0 and steps after the
+        k-th micro-batch or the epoch's last batch (so its last step may sum fewer than k)."""
+        trainer = self.trainer
+        accumulation = trainer.accumulate_grad_batches
+        start = batch_idx - batch_idx % accumulation
+        batches = trainer.num_training_batches  # inf for a loader without a length: every step is taken as full
+        micro_batches = accumulation if math.isinf(batches) else min(accumulation, int(batches) - start)
+        return batch_idx == start, not trainer.fit_loop._should_accumulate(), micro_batches
+
+    def _step_loss(self) -> torch.Tensor:
+        """The mean loss of this optimizer step's micro-batches (non-finite if any of them is)."""
+        losses = self._step_losses
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
     def training_step(self, batch, batch_idx):
         images, labels = batch
+        begin_cudagraph_step()  # validation marks its steps, so CUDA graphs expect every loop to (compile.mode)
+        first, last, micro_batches = self._micro_batch_position(batch_idx)
         # A skipped step must leave the model as it was: a non-finite forward has already written
-        # NaN into every BatchNorm's running statistics by the time the loss shows it.
+        # NaN into every BatchNorm's running statistics by the time the loss shows it. Every
+        # micro-batch changes the buffers, so the copy is the state before the step's first one.
         buffers = self._model_buffers()
-        if len(self._buffers_before_step) != len(buffers):  # the first step: allocate the copies once
+        if len(self._buffers_before_step) != len(buffers):  # the first step (or a resume mid-step): allocate the copies once
             self._buffers_before_step = [buffer.clone() for buffer in buffers]
-        else:  # one fused multi-tensor copy, not one kernel per buffer (hundreds in an IResNet)
+        elif first:  # one fused multi-tensor copy, not one kernel per buffer (hundreds in an IResNet)
             torch._foreach_copy_(self._buffers_before_step, buffers)
-        should_log = self._should_log()
+        if first:
+            self._step_losses = []
+        should_log = last and self._should_log()  # once per optimizer step: Lightning writes its last value
         loss, stats = self.head.loss(self.backbone(images), labels, statistics=should_log)
-        self._last_loss = loss.detach()
+        self._step_losses.append(loss.detach())
         if should_log:
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
             # The loss too only on logging steps (each self.log is Python work), and as a host copy:
             # Lightning reads every progress-bar value with .item() after each step from then on,
             # which for a GPU tensor would be a device sync per step.
-            self.log("train/loss", loss.detach().cpu(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss", self._step_loss().cpu(), on_step=True, on_epoch=False, prog_bar=True)
+        accumulation = self.trainer.accumulate_grad_batches
+        if micro_batches < accumulation:  # Lightning divides by k: the epoch's short last step averages its m
+            loss = loss * (accumulation / micro_batches)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grad_backbone = total_grad_norm(self.backbone.parameters())
         grad_head = total_grad_norm(self.head.parameters())
-        finite = torch.isfinite(self._last_loss)
+        step_loss = self._step_loss()
+        finite = torch.isfinite(step_loss)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is None:
             finite &= torch.isfinite(grad_backbone + grad_head)
@@ -127,7 +170,7 @@ class FaceRecognitionModule(L.LightningModule):
         if finite:
             self.consecutive_nonfinite.zero_()
         else:
-            self._skip_step(optimizer)
+            self._skip_step(optimizer, step_loss)
         if self._should_log():
             # s multiplies the gradient like a learning-rate factor: log it when comparing scales.
             self.log("train/grad_norm_backbone", grad_backbone)
@@ -138,13 +181,13 @@ class FaceRecognitionModule(L.LightningModule):
         with torch.no_grad():
             torch._foreach_copy_(self._model_buffers(), self._buffers_before_step)
 
-    def _skip_step(self, optimizer) -> None:
+    def _skip_step(self, optimizer, step_loss: torch.Tensor) -> None:
         # Optimizers leave parameters whose grad is None untouched (no momentum, no weight decay).
         optimizer.zero_grad(set_to_none=True)
         self.nonfinite_steps += 1
         self.consecutive_nonfinite += 1
         lr = optimizer.param_groups[0]["lr"]
-        detail = f"step {self.global_step}: loss={self._last_loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
+        detail = f"step {self.global_step}: loss={step_loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
         log.warning("non-finite loss or gradient, step skipped (%s)", detail)
         if int(self.consecutive_nonfinite) >= self.max_consecutive_nonfinite:
             raise NonFiniteTrainingError(
@@ -233,7 +276,7 @@ class FaceRecognitionModule(L.LightningModule):
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger" and logger.version:
                 checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
-        # every rank runs this; a sharded head makes its rows' optimizer state full (rank 0 writes it)
+        # every rank runs this; a sharded head sends its rows' optimizer state to rank 0, which writes the file
         self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

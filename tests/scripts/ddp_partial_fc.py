@@ -14,8 +14,8 @@ the same global batch (the problems below are shared with it). Both ranks hold e
   the backbone's gradient after DDP's averaging (MagFace, whose regulariser is per rank).
 - "sampled": sample_rate < 1: the loss and the classes each rank sampled.
 - "resume": SGD with momentum for two steps, then a checkpoint (full weights, buffers and optimizer
-  state, written by rank 0 as the LightningModule's hooks do), the logits of a batch, and the full
-  weights and buffers after one more step.
+  state, written by rank 0 as the LightningModule's hooks do), the logits of a batch, and the
+  state dict after one more step (the full weights on rank 0, its own rows on rank 1).
 - "inference_with_grad": the error, if any, of `head(embeddings)` with grad mode on.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from facerec import distributed
 from facerec.heads import (
     AdaCos,
     AdaFace,
@@ -47,6 +48,7 @@ from facerec.heads import (
     SphereFace,
     SubCenterArcFace,
     partial_fc,
+    shard_range,
 )
 
 WORLD_SIZE = 2
@@ -92,6 +94,13 @@ def rows(rank: int, batch: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
+def every_rank_s_rows(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """The full (C K, ...) tensor from each rank's rows, on every rank (`gather_rows` gives it to
+    rank 0 only, for checkpoints): the test compares every rank's."""
+    k = head.centres_per_class
+    return distributed.all_gather_uneven(rows, [shard_range(head.num_classes, WORLD_SIZE, rank)[1] * k for rank in range(WORLD_SIZE)])
+
+
 def buffers(head: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.clone() for name, buffer in head.named_buffers()}
 
@@ -114,7 +123,7 @@ def run_heads(rank: int) -> dict:
                 "loss": loss.detach(),
                 "regulariser": torch.zeros((), dtype=torch.float64) if regulariser is None else regulariser,
                 "grad_x": x_local.grad,
-                "grad_weight": head.gather_rows(head.weight.grad),
+                "grad_weight": every_rank_s_rows(head, head.weight.grad),
                 "s": torch.tensor(head.scale.value, dtype=torch.float64),
                 "statistics": stats,
                 "buffers": buffers(head),
@@ -163,7 +172,7 @@ def run_ddp(rank: int) -> dict:
     wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer all-reduces then
     mine = rows(rank, BATCH)
     wrapped(images[mine], labels[mine]).backward()
-    return {"grad_backbone": model.backbone.weight.grad, "grad_weight": model.head.gather_rows(model.head.weight.grad)}
+    return {"grad_backbone": model.backbone.weight.grad, "grad_weight": every_rank_s_rows(model.head, model.head.weight.grad)}
 
 
 def run_sampled(rank: int) -> dict:
