@@ -447,8 +447,10 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
             for curve in members:
                 s, low, high, bracketed = curve.peaks[metric]
                 if not math.isnan(s):
-                    ax.errorbar(math.log(curve.num_classes - 1), s, yerr=[[s - low], [high - s]], fmt="o", color=colour,
-                                markerfacecolor=colour if bracketed else "none", capsize=3)  # fmt: skip
+                    x = math.log(curve.num_classes - 1)
+                    # the bootstrap interval need not contain the peak of the mean curve (2 seeds): a bar, then the point
+                    ax.vlines(x, low, high, color=colour, linewidth=1)
+                    ax.plot(x, s, "o", color=colour, markerfacecolor=colour if bracketed else "none")
             margin = [(math.log(c.num_classes - 1), p.s) for c in members for p in c.references if p.label == "auto_margin"]
             if margin:
                 ax.plot(*zip(*sorted(margin)), "s-.", color=colour, markerfacecolor="none", linewidth=1,

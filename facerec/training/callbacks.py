@@ -89,7 +89,12 @@ class PreemptionCheckpoint(L.Callback):
         self._save(trainer)
         if requeue and trainer.is_global_zero and _requeues(trainer):
             requeue_slurm_job()
-        raise SIGTERMException()  # stop as Lightning stops on SIGTERM: a clean exit
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None:
+            raise SIGTERMException()
+        # Lightning's own SIGTERM stop, on every rank at once: it raises after this batch's metrics
+        # are written (raising here would lose them), and a validation due now stops at its start.
+        connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM before training started (Lightning's own handler was in charge): save where it stopped.
