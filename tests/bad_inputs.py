@@ -82,9 +82,9 @@ def corrupt_record_strict(tmp: Path):
 
 @case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"replaced 1 .*record 6: corrupt JPEG")
 def corrupt_record_replaced(tmp: Path) -> str:
-    from facerec.data import RecordDataset
+    from facerec.data import NoAugment, RecordDataset
 
-    dataset = RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, flip=False)
+    dataset = RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, augment=NoAugment())
     messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
     return f"replaced {dataset.replaced} (by another sample chosen from its index: batches keep their size; counted, logged: {messages[0]})"
 

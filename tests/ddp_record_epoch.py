@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from facerec.data import FaceDataModule, RecordDataset
+from facerec.data import FaceDataModule, NoAugment, RecordDataset
 
 
 def image_digest(image: torch.Tensor) -> str:
@@ -41,7 +41,7 @@ if __name__ == "__main__":
     root, num_classes, out_dir = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(1)
     data = FaceDataModule(
-        num_classes, RecordDataset(root, num_classes, flip=False), batch_size=5, num_workers=2, drop_last=False
+        num_classes, RecordDataset(root, num_classes, augment=NoAugment()), batch_size=5, num_workers=2, drop_last=False
     )
     trainer = L.Trainer(
         accelerator="cpu",

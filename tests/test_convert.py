@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from data_helpers import corrupt_record, smooth_image, write_image, write_jpeg_folder, write_rec_folder
-from facerec.data import BinVerificationSet, DecodeError, ImageFolderDataset, LfwPairs, RecordDataset, unpack_record
+from facerec.data import (
+    BinVerificationSet,
+    DecodeError,
+    ImageFolderDataset,
+    LfwPairs,
+    NoAugment,
+    RecordDataset,
+    unpack_record,
+)
 from facerec.data.convert import folder_to_rec, pairs_to_bin
 
 SCRIPTS = Path(sys.executable).parent
@@ -41,9 +49,9 @@ def lfw_subset(shared_data, tmp_path_factory):
 def test_folder_to_rec_round_trip_gives_identical_pixels_and_labels(lfw_subset, tmp_path):
     root, _ = lfw_subset
     out = cli("facerec-folder-to-rec", root, tmp_path / "rec")
-    folder = ImageFolderDataset(root, flip=False)
+    folder = ImageFolderDataset(root, augment=NoAugment())
     assert f"{len(folder)} images, 12 classes" in out
-    record = RecordDataset(tmp_path / "rec", num_classes=12, flip=False)
+    record = RecordDataset(tmp_path / "rec", num_classes=12, augment=NoAugment())
     assert len(record) == len(folder)
     for index in range(len(folder)):
         (image_a, label_a), (image_b, label_b) = record[index], folder[index]
@@ -59,8 +67,8 @@ def test_other_formats_are_fitted_and_reencoded(tmp_path):
     write_image(tmp_path / "faces" / "b" / "1.png", smooth_image(rng, 150, 150))
     stats = folder_to_rec(tmp_path / "faces", tmp_path / "rec", quality=100)
     assert stats["images"] == 2 and stats["classes"] == 2
-    record = RecordDataset(tmp_path / "rec", num_classes=2, flip=False)
-    folder = ImageFolderDataset(tmp_path / "faces", flip=False)
+    record = RecordDataset(tmp_path / "rec", num_classes=2, augment=NoAugment())
+    folder = ImageFolderDataset(tmp_path / "faces", augment=NoAugment())
     for index in range(2):  # JPEG at quality 100: within a few grey levels of the source pixels
         difference = (record[index][0] - folder[index][0]).abs().mul(127.5)
         assert difference.mean() < 1.5 and record[index][1] == folder[index][1]
@@ -68,17 +76,17 @@ def test_other_formats_are_fitted_and_reencoded(tmp_path):
 
 def test_corrupt_record_in_the_middle_is_replaced_and_counted(tmp_path, caplog):
     rec = write_rec_folder(tmp_path)
-    dataset = RecordDataset(rec, num_classes=3, flip=False)
+    dataset = RecordDataset(rec, num_classes=3, augment=NoAugment())
     clean = [dataset[i] for i in range(len(dataset))]
     corrupt_record(rec, record=6)  # the entropy-coded data of image record 6, overwritten in place
 
-    dataset = RecordDataset(tmp_path / "rec", num_classes=3, flip=False)
+    dataset = RecordDataset(tmp_path / "rec", num_classes=3, augment=NoAugment())
     samples = [dataset[i] for i in range(len(dataset))]
     assert dataset.replaced == 1  # image index 5 is record 6
     assert "train.rec record 6: corrupt JPEG" in caplog.text and "replaced by sample" in caplog.text
     # the replacement is another clean sample, the same one every time (resume and ranks agree)
     assert any(torch.equal(samples[5][0], sample[0]) and samples[5][1] == sample[1] for i, sample in enumerate(clean) if i != 5)
-    assert torch.equal(RecordDataset(tmp_path / "rec", num_classes=3, flip=False)[5][0], samples[5][0])
+    assert torch.equal(RecordDataset(tmp_path / "rec", num_classes=3, augment=NoAugment())[5][0], samples[5][0])
     for index, sample in enumerate(samples):
         if index != 5:
             assert sample[1] == clean[index][1] and torch.equal(sample[0], clean[index][0])

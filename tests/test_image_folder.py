@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data_helpers import smooth_image, write_image, write_jpeg_folder
-from facerec.data import DecodeError, ImageFolderDataset, ImageFolderPairs, LfwPairs, decode_image, read_pairs
+from facerec.data import DecodeError, ImageFolderDataset, ImageFolderPairs, LfwPairs, NoAugment, decode_image, read_pairs
 from facerec.data.image_folder import read_identity_list
 
 
@@ -58,7 +58,7 @@ def test_folder_skips_non_images_and_empty_identities(tmp_path, caplog):
     (root / "id01" / ".DS_Store").write_bytes(b"\0")
     (root / "empty").mkdir()
     write_image(root / "id99" / "a.pgm", smooth_image(np.random.default_rng(0), 112, 92, 1))
-    dataset = ImageFolderDataset(root, flip=False)
+    dataset = ImageFolderDataset(root, augment=NoAugment())
     assert dataset.scan.names == ["id00", "id01", "id02", "id99"] and dataset.num_classes == 4
     assert len(dataset) == 7 and dataset.scan.skipped_files == 2 and dataset.scan.empty_identities == ["empty"]
     assert "skipped 2 files without an image suffix" in caplog.text
@@ -92,7 +92,7 @@ def test_corrupt_image_is_replaced_or_raises(tmp_path, caplog):
 
 
 def test_orl_greyscale_becomes_rgb_112(shared_data):
-    dataset = ImageFolderDataset(shared_data / "orl", identities=["s1", "s2"], flip=False)
+    dataset = ImageFolderDataset(shared_data / "orl", identities=["s1", "s2"], augment=NoAugment())
     assert len(dataset) == 20 and dataset.num_classes == 2
     image, label = dataset[12]
     assert image.shape == (3, 112, 112) and label == 1

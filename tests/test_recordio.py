@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_helpers import write_jpeg_folder
-from facerec.data import RecordDataset, RecordIOError, RecordIOReader, RecordIOWriter, pack_record, unpack_record
+from facerec.data import Flip, NoAugment, RecordDataset, RecordIOError, RecordIOReader, RecordIOWriter, pack_record, unpack_record
 from facerec.data.convert import folder_to_rec
 from facerec.data.recordio import MAGIC
 
@@ -76,7 +76,7 @@ def record_folder(tmp_path_factory):
 
 
 def test_insightface_layout(record_folder):
-    dataset = RecordDataset(record_folder, num_classes=4, flip=False)
+    dataset = RecordDataset(record_folder, num_classes=4, augment=NoAugment())
     assert len(dataset) == 24 and dataset.num_classes == 4
     assert (record_folder / "property").read_text().strip() == "4,112,112"
     header, _ = unpack_record(dataset.reader.read(0))
@@ -88,7 +88,7 @@ def test_insightface_layout(record_folder):
 
 
 def test_workers_read_every_record_once(record_folder):
-    dataset = RecordDataset(record_folder, num_classes=4, flip=False)
+    dataset = RecordDataset(record_folder, num_classes=4, augment=NoAugment())
     expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
     loader = DataLoader(dataset, batch_size=5, num_workers=2, shuffle=False)
     images = torch.cat([batch[0] for batch in loader])
@@ -96,8 +96,8 @@ def test_workers_read_every_record_once(record_folder):
 
 
 def test_flip_mirrors_the_image(record_folder):
-    plain = RecordDataset(record_folder, num_classes=4, flip=False)
-    flipping = RecordDataset(record_folder, num_classes=4, flip=True)
+    plain = RecordDataset(record_folder, num_classes=4, augment=NoAugment())
+    flipping = RecordDataset(record_folder, num_classes=4, augment=Flip())
     original = plain[0][0]
     random.seed(0)  # the flip draws from `random` (seeded per worker by Lightning)
     samples = [flipping[0][0] for _ in range(30)]
@@ -178,7 +178,7 @@ def test_ddp_ranks_see_every_image_once_per_epoch(record_folder, tmp_path):
     from conftest import run_script
 
     run_script([str(Path(__file__).parent / "ddp_record_epoch.py"), str(record_folder), "4", str(tmp_path)])
-    dataset = RecordDataset(record_folder, num_classes=4, flip=False)
+    dataset = RecordDataset(record_folder, num_classes=4, augment=NoAugment())
     expected = sorted(image_digest(dataset[i][0]) for i in range(len(dataset)))
     seen = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == len(dataset) // 2

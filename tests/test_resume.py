@@ -11,8 +11,15 @@ from fault_injection import signal_at
 from conftest import TINY_RUN, read_metrics, run_script
 
 RUN = [*TINY_RUN, "trainer.max_epochs=3", "trainer.deterministic=true", "logger=wandb_csv", "model.dropout=0.2"]
-# dynamic uncapped: capped at its start, s would sit there in a run this short and prove nothing
-SCALES = {"fixed": ["scale=fixed"], "dynamic": ["scale=dynamic", "scale.max_scale=inf"]}
+# dynamic uncapped: capped at its start, s would sit there in a run this short and prove nothing;
+# adaface: every augmentation draw (crop, low resolution, jitter, flip) from the sample keys
+SETUPS = {
+    "fixed": ["scale=fixed"],
+    "dynamic": ["scale=dynamic", "scale.max_scale=inf"],
+    "adaface": ["scale=fixed", "augment=adaface"],
+    # weight EMA: the checkpoints' state_dict holds the average, the trained tensors are beside it
+    "ema": ["scale=fixed", "callbacks=ema", "callbacks.ema.decay=0.9"],
+}
 
 
 def metrics_by_step(run_dir: Path) -> dict[tuple[str, str], str]:
@@ -20,9 +27,9 @@ def metrics_by_step(run_dir: Path) -> dict[tuple[str, str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scale", SCALES)
-def test_sigterm_then_resume_matches_an_uninterrupted_run(scale, tmp_path):
-    overrides = [*RUN, *SCALES[scale]]
+@pytest.mark.parametrize("setup", SETUPS)
+def test_sigterm_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    overrides = [*RUN, *SETUPS[setup]]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script(["train.py", *overrides, f"hydra.run.dir={straight}"])
     # 10 steps per epoch: step 13 is mid-epoch, after a validation and an epoch boundary
@@ -37,9 +44,15 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(scale, tmp_path):
     assert final_resumed["global_step"] == final_straight["global_step"] == 30
     for key, value in final_straight["state_dict"].items():
         assert torch.equal(value, final_resumed["state_dict"][key]), key
+    if setup == "ema":  # the preemption checkpoint holds step 14's average, whichever callback ran first
+        assert first["averaging_state"]["n_averaged"] == 14 and final_straight["averaging_state"]["n_averaged"] == 30
+        for name in ("current_model_state", "averaging_state"):
+            for key, value in final_straight[name].items():
+                assert torch.equal(value, final_resumed[name][key]), (name, key)
+        assert not torch.equal(final_straight["state_dict"]["backbone.stem.0.weight"], final_straight["current_model_state"]["backbone.stem.0.weight"])
     assert metrics_by_step(straight) == metrics_by_step(resumed)
     logged_s = {value for (_, key), value in metrics_by_step(straight).items() if key == "train/s"}
-    assert len(logged_s) == (1 if scale == "fixed" else 30)  # the dynamic s moved every step: its restore counts
+    assert len(logged_s) == (30 if setup == "dynamic" else 1)  # the dynamic s moved every step: its restore counts
     assert final_resumed["wandb_run_id"] == first["wandb_run_id"]  # the same W&B run continues
     # the resumed run kept the original config and saved its own next to it
     assert (resumed / ".hydra" / "config.yaml").exists() and list((resumed / ".hydra").glob("resumed_*/config.yaml"))
@@ -50,6 +63,7 @@ def test_flips_follow_the_sample_key_in_any_process(tmp_path):
 
     from data_helpers import write_jpeg_folder
     from facerec.data import FaceDataModule, ImageFolderDataset
+    from facerec.data.augment import NoAugment
     from facerec.data.sampling import ResumableSampler, SampleKey
 
     dataset = ImageFolderDataset(write_jpeg_folder(tmp_path, identities=2, per_identity=4))
@@ -59,7 +73,7 @@ def test_flips_follow_the_sample_key_in_any_process(tmp_path):
     assert sorted(keys) == list(range(8)) and all(isinstance(k, SampleKey) for k in keys)
     copied = pickle.loads(pickle.dumps(keys))  # as DataLoader workers receive them
     assert all(torch.equal(dataset[a][0], dataset[b][0]) for a, b in zip(keys, copied))
-    plain = ImageFolderDataset(tmp_path, flip=False)
+    plain = ImageFolderDataset(tmp_path, augment=NoAugment())
     mirrored = [torch.equal(dataset[k][0], plain[k][0].flip(-1)) for k in keys]
     assert 0 < sum(mirrored) < 8  # the key decides: some flipped, some not
 

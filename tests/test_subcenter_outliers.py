@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from conftest import TINY_RUN, compose_config, run_script
 from data_helpers import write_jpeg_folder
-from facerec.data import DecodeError, ImageFolderDataset
+from facerec.data import DecodeError, Flip, ImageFolderDataset, NoAugment
 from facerec.tools.subcenter_outliers import UnaugmentedImages, find_outliers, main
 from facerec.training.checkpoints import load_backbone, load_checkpoint
 from facerec.training.fit import build_module
@@ -94,8 +94,8 @@ def test_csv_names_the_files_of_an_image_folder(tmp_path):
 
 def test_images_are_embedded_unflipped_and_never_replaced(tmp_path):
     root = write_jpeg_folder(tmp_path / "faces", identities=2, per_identity=3)
-    images = UnaugmentedImages(ImageFolderDataset(root, image_size=32, flip=True))
-    plain = ImageFolderDataset(root, image_size=32, flip=False)
+    images = UnaugmentedImages(ImageFolderDataset(root, image_size=32, augment=Flip()))
+    plain = ImageFolderDataset(root, image_size=32, augment=NoAugment())
     for index in range(len(plain)):
         image, label, source = images[index]
         assert torch.equal(image, plain[index][0]) and label == plain[index][1]

@@ -1,5 +1,6 @@
 """Training identities, verification sets and the LightningDataModule."""
 from facerec.data.align import align_face, similarity_transform
+from facerec.data.augment import AdaFaceAugment, Augment, Flip, NoAugment
 from facerec.data.bin import BinVerificationSet, read_bin, write_bin
 from facerec.data.datamodule import FaceDataModule
 from facerec.data.decode import DecodeError, decode_image, normalise
@@ -15,10 +16,13 @@ from facerec.data.synthetic import IdentityRenderer, SyntheticIdentities, Synthe
 from facerec.data.verification import VerificationSet, balanced_pairs
 
 __all__ = [
+    "AdaFaceAugment",
+    "Augment",
     "BinVerificationSet",
     "DecodeError",
     "EncodedImages",
     "FaceDataModule",
+    "Flip",
     "FolderIdentification",
     "IJBImages",
     "IJBMeta",
@@ -28,6 +32,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageFolderPairs",
     "LfwPairs",
+    "NoAugment",
     "RecordDataset",
     "RecordIOError",
     "RecordIOReader",

@@ -1,4 +1,4 @@
-"""Training sets of encoded face images: decode, flip at random, normalise; replace or refuse corrupt images."""
+"""Training sets of encoded face images: decode, augment (flip, ...) and normalise; replace or refuse corrupt images."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +7,9 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from facerec.data.decode import DecodeError, decode_image, normalise
-from facerec.data.sampling import SampleKey, augment_random
+from facerec.data.augment import FLIP, Augment, check_augment
+from facerec.data.decode import DecodeError, decode_image
+from facerec.data.sampling import SampleKey
 
 log = logging.getLogger(__name__)
 
@@ -17,22 +18,22 @@ class EncodedImages(Dataset):
     """Base class: subclasses implement `__len__` and `encoded(index) -> (bytes, label, source)`,
     where `source` names the image in messages (a file, a record).
 
-    `dataset[i]` is `(image (3, size, size) float32 in [-1, 1], label)`, mirrored
-    left-right with probability 1/2 when `flip` (drawn from the index's augmentation seed when
-    it is a SampleKey, so flips are reproducible across workers, ranks and resumes). An image that
-    does not decode is replaced by another sample of the set, chosen from the index (and its
-    augmentation seed) alone, so every batch keeps its size (the ranks of a DDP run never need to
-    exchange batch sizes) and a resumed run draws the same replacement. The replacement is logged
-    with the source and counted in `replaced` (per process: each DataLoader worker counts its own).
-    With `strict=True` it raises DecodeError naming the source instead.
+    `dataset[i]` is `(image (3, size, size) float32 in [-1, 1], label)`, the decoded image under the
+    `augment` policy (facerec.data.augment; default: the random flip), whose draws come from the
+    index's augmentation seed when it is a SampleKey, so they are reproducible across workers, ranks
+    and resumes. An image that does not decode is replaced by another sample of the set, chosen from
+    the index (and its augmentation seed) alone, so every batch keeps its size (the ranks of a DDP
+    run never need to exchange batch sizes) and a resumed run draws the same replacement. The
+    replacement is logged with the source and counted in `replaced` (per process: each DataLoader
+    worker counts its own). With `strict=True` it raises DecodeError naming the source instead.
     """
 
     MAX_REPLACEMENTS = 16  # tries before a run whose data is mostly unreadable gives up
 
-    def __init__(self, num_classes: int, image_size: int = 112, flip: bool = True, strict: bool = False):
+    def __init__(self, num_classes: int, image_size: int = 112, augment: Augment = FLIP, strict: bool = False):
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
-        self.flip = bool(flip)
+        self.augment = check_augment(augment, type(self).__name__)
         self.strict = bool(strict)
         self.replaced = 0
 
@@ -58,7 +59,7 @@ class EncodedImages(Dataset):
                 )
                 index = SampleKey(replacement, draw.getrandbits(63))
                 continue
-            return normalise(image, flip=self.flip and augment_random(index) < 0.5), label
+            return self.augment(image, index), label
         raise RuntimeError(
             f"{self.MAX_REPLACEMENTS} samples in a row did not decode (last: {source}); check the data or use strict=true"
         )

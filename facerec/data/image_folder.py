@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facerec.data.augment import FLIP, Augment
 from facerec.data.decode import IMAGE_SUFFIXES, image_tensor
 from facerec.data.encoded import EncodedImages
 from facerec.data.verification import VerificationSet, balanced_pairs
@@ -137,7 +138,7 @@ class ImageFolderDataset(EncodedImages):
         root: str | Path,
         identities: str | Path | Sequence[str] | None = None,
         image_size: int = 112,
-        flip: bool = True,
+        augment: Augment = FLIP,
         strict: bool = False,
         num_classes: int | None = None,
     ):
@@ -149,7 +150,7 @@ class ImageFolderDataset(EncodedImages):
                 f"dataset.num_classes={num_classes} but {self.scan.root} holds {found} identity folders with "
                 f"images{among}; set dataset.num_classes={found}, or leave it out (null) to read it from the folder"
             )
-        super().__init__(found, image_size, flip, strict)
+        super().__init__(found, image_size, augment, strict)
         log.info("%s: %d images of %d identities", self.scan.root, len(self), self.num_classes)
 
     @classmethod

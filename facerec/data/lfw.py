@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facerec.data.augment import FLIP, Augment
 from facerec.data.decode import image_tensor
 from facerec.data.image_folder import ImageFolderDataset, read_identity_list
 from facerec.data.verification import VerificationSet
@@ -149,9 +150,9 @@ class LfwIdentities(ImageFolderDataset):
         num_identities: int,
         subset_seed: int = 0,
         image_size: int = 112,
-        flip: bool = True,
+        augment: Augment = FLIP,
         strict: bool = False,
     ):
         names = read_identity_list(identities)
         self.people = identity_subset(names, num_identities, subset_seed, str(identities))
-        super().__init__(root, self.people, image_size, flip, strict)
+        super().__init__(root, self.people, image_size, augment, strict)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.data.augment import FLIP, Augment
 from facerec.data.encoded import EncodedImages
 from facerec.data.recordio import RecordIOReader, unpack_record
 
@@ -55,7 +56,7 @@ class RecordDataset(EncodedImages):
         root: str | Path,
         num_classes: int | None = None,
         image_size: int = 112,
-        flip: bool = True,
+        augment: Augment = FLIP,
         strict: bool = False,
         rec_file: str = "train.rec",
         idx_file: str = "train.idx",
@@ -67,7 +68,7 @@ class RecordDataset(EncodedImages):
                 f"{self.root / 'property'} states {stated} classes but dataset.num_classes={num_classes}; "
                 f"set dataset.num_classes={stated}, or leave it out (null) to read it from the property file"
             )
-        super().__init__(stated, image_size, flip, strict)
+        super().__init__(stated, image_size, augment, strict)
         if (height, width) != (self.image_size, self.image_size):
             log.info("%s holds %dx%d images; they are fitted to %d x %d", self.root, height, width, image_size, image_size)
         self.reader = RecordIOReader(self.root / rec_file, self.root / idx_file)

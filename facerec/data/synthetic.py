@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from facerec.data.augment import NO_AUGMENT, Augment, check_augment
 from facerec.data.verification import VerificationSet, balanced_pairs
 
 _STREAMS = {"train": 1, "heldout": 2}
@@ -138,6 +139,8 @@ class SyntheticIdentities(Dataset):
     The identities are the first `num_classes` of the training stream, and sample k of identity i is
     rendered from (seed, i, i * images_per_class + k) alone: changing `num_classes` adds or removes
     whole identities and leaves every other image as it was (the class-count knob of experiment=s_star).
+    `augment` (facerec.data.augment) applies on top of the rendered nuisance, which already holds a
+    flip: the default, and dataset=synthetic's default, is none.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class SyntheticIdentities(Dataset):
         image_size: int = 112,
         difficulty: float = 1.0,
         cache_prototypes: bool = True,
+        augment: Augment = NO_AUGMENT,
     ):
         if num_classes < 2 or images_per_class < 1:
             raise ValueError(
@@ -156,6 +160,7 @@ class SyntheticIdentities(Dataset):
         self.num_classes = int(num_classes)
         self.images_per_class = int(images_per_class)
         self.renderer = IdentityRenderer(seed, "train", image_size, difficulty, cache_prototypes)
+        self.augment = check_augment(augment, type(self).__name__)
 
     def __len__(self) -> int:
         return self.num_classes * self.images_per_class
@@ -164,7 +169,7 @@ class SyntheticIdentities(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         identity = index // self.images_per_class
-        return self.renderer.render(identity, index), identity
+        return self.augment.network_input(self.renderer.render(identity, index), index), identity
 
 
 class SyntheticPairs(VerificationSet):

@@ -129,7 +129,10 @@ def find_outliers(
         raise ValueError(f"threshold_deg must lie in (0, 180) degrees, got {threshold_deg}")
     ckpt_path = Path(ckpt_path)
     backbone, head, config = load_subcenter_run(ckpt_path)
-    train_set = instantiate(config["dataset"]["train"])
+    train_config = dict(config["dataset"]["train"])
+    if "flip" in train_config:  # saved before the augment group: its flip is irrelevant here (UnaugmentedImages)
+        train_config.pop("flip")
+    train_set = instantiate(train_config)
     if getattr(train_set, "num_classes", head.num_classes) != head.num_classes:
         raise ValueError(
             f"{ckpt_path}: its training set ({config['dataset']['train']['_target_']}) now holds {train_set.num_classes} "

@@ -1,13 +1,16 @@
-"""Training callbacks: a checkpoint on preemption (and a SLURM requeue)."""
+"""Training callbacks: a checkpoint on preemption (and a SLURM requeue), an exponential moving
+average of the weights."""
 from __future__ import annotations
 
 import logging
 import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facerec import distributed
@@ -115,3 +118,118 @@ def _requeues(trainer: L.Trainer) -> bool:
     # the environment Lightning's own signal handling reads (a single-device strategy has none of its own)
     environment = trainer._accelerator_connector.cluster_environment
     return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+
+
+class WeightEMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (`callbacks=ema`): Lightning's EMAWeightAveraging.
+
+    What Lightning does: a deep copy of the whole LightningModule (torch's AveragedModel), updated
+    after every optimizer step from `update_starting_at_step` on, every `update_every_n_steps`:
+    average <- decay average + (1 - decay) weights, the first update a copy. Validation runs with
+    the averaged tensors swapped in (so `val/...` and the `best` checkpoint's choice are the
+    average's); a checkpoint's `state_dict` holds the average (so eval.py, facerec.export and
+    model.weights read it) and the trained tensors go to `current_model_state`, the copy's update
+    count to `averaging_state`: a resumed run continues training from the trained tensors and the
+    average from its own. When fit ends the average replaces the trained tensors in the module.
+
+    The copy covers the head too, each rank averaging its own class shard under Partial FC: the
+    swaps pair the module's tensors with the copy's in order, so the copy mirrors the whole module;
+    a checkpoint's `state_dict` is then one averaged model (the sharded head's rows gathered to rank
+    0 like the trained ones), and a resumed run continues both exactly. Verification reads the
+    backbone only; the head's copy costs one more set of its rows per rank. use_buffers=True: the
+    floating-point buffers (BatchNorm statistics, the dynamic s, the margins' EMAs) are averaged
+    with the weights, the integer ones (BatchNorm's batch counts, the skipped-step counters,
+    ElasticFace's step) copied: an average of a count is no count.
+
+    What this class adds to Lightning's:
+    - a step the module skipped (a non-finite loss or gradient, a GradScaler overflow) is not
+      averaged in: the model is as it was before the step, and so stays its average;
+    - one multi-tensor lerp per update (torch's EMA multi_avg_fn, integer buffers copied) instead
+      of one Python-level average per tensor (hundreds in an IResNet);
+    - the copy moves to the module's device when fit starts: Lightning makes it in `setup`, before
+      the strategy moves the module, and would otherwise keep a GPU run's average in host memory
+      and copy every tensor there after each step (device="cpu" keeps it there on purpose);
+    - a checkpoint written at the end of a step (the preemption checkpoint, ModelCheckpoint's
+      every_n_train_steps) holds that step's average whichever callback runs first: the update
+      the step owes is made before this callback's state is saved.
+
+    decay: the averaging horizon is about 1 / (1 - decay) optimizer steps; choose it as a small
+    fraction of the run (0.999: 1,000 steps; a run of 888 steps wants ~0.99).
+
+    Cost per update: one lerp over the module's tensors, and two reads of AveragedModel's update
+    count on the host (torch's update_parameters: two host syncs on a GPU beside the step's one;
+    update_every_n_steps=k makes them 2/k per step). Memory: one more copy of the module's tensors
+    (under Partial FC, of this rank's rows).
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        update_every_n_steps: int = 1,
+        update_starting_at_step: int | None = None,
+        use_buffers: bool = True,
+        device: str | None = None,
+    ):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay must lie in [0, 1), got {decay}")
+        if update_every_n_steps < 1:
+            raise ValueError(f"callbacks.ema.update_every_n_steps must be >= 1, got {update_every_n_steps}")
+        super().__init__(
+            device=device,
+            use_buffers=use_buffers,
+            decay=decay,
+            update_every_n_steps=update_every_n_steps,
+            update_starting_at_step=update_starting_at_step,
+        )
+        self.decay = float(decay)
+        self.on_module_device = device is None
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        with warnings.catch_warnings():
+            # Lightning warns that configure_model's layers are not sharded in the copy. The module's
+            # configure_model shards the head in place and only once (Lightning calls it again
+            # later), so the copy made after it holds this rank's rows only.
+            warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides the configure_model")
+            super().setup(trainer, pl_module, stage)
+        if self._average_model is not None:
+            self._average_model.avg_fn, self._average_model.multi_avg_fn = None, ema_update(self.decay)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None and self.on_module_device:
+            self._average_model.to(pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._update_for_step(trainer, pl_module)
+
+    def _update_for_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The update the last optimizer step owes, once per step (a micro-batch that ends no step
+        owes none); a step the module skipped is passed over."""
+        step = trainer.global_step
+        if step > self._latest_update_step and self.should_update(step_idx=step - 1):
+            if pl_module.last_step_taken:
+                self._average_model.update_parameters(pl_module)
+            self._latest_update_step = step
+
+    def state_dict(self) -> dict:
+        # Lightning reads this first when it writes a checkpoint, on every rank; between steps
+        # (not while validation has the average swapped in), where the update may still be owed.
+        trainer = self._trainer
+        if trainer is not None and self._average_model is not None and trainer.training:
+            self._update_for_step(trainer, trainer.lightning_module)
+        return super().state_dict()
+
+
+def ema_update(decay: float):
+    """AveragedModel's multi_avg_fn: averaged += (1 - decay) (current - averaged) for floating-point
+    tensors, a copy for integer ones; AveragedModel passes one device and dtype per call."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:
+            torch._foreach_copy_(averaged, current)
+
+    return update

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,7 +41,7 @@ class FaceRecognitionModule(L.LightningModule):
     rebuild the model without the original command line.
     max_consecutive_nonfinite: a step whose loss or gradient is not finite on any rank is skipped
     on every rank and leaves the model exactly as it was (parameters, optimizer state and buffers:
-    BatchNorm statistics, the dynamic s, the margins' EMAs); it is counted and logged, and this many
+    BatchNorm statistics, the dynamic s, the margins' EMAs; with callbacks=ema, the weight average); it is counted and logged, and this many
     in a row stop the run.
 
     Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
@@ -86,6 +87,7 @@ class FaceRecognitionModule(L.LightningModule):
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
         self._step_losses: list[torch.Tensor] = []  # the detached losses of this optimizer step's micro-batches
+        self.last_step_taken = True  # whether the last optimizer step changed the model (WeightEMA averages only those)
         self._buffers_before_step: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,6 +167,7 @@ class FaceRecognitionModule(L.LightningModule):
         finite = distributed.all_ranks(finite)  # each rank sees only its shard's or its batch's values
         stepping = finite & ~overflow if scaler is not None else finite
         finite, step_taken = torch.stack([finite, stepping]).tolist()  # one host sync per step, as a GradScaler does
+        self.last_step_taken = step_taken
         if not step_taken:
             self._restore_buffers()
         if finite:
@@ -280,6 +283,11 @@ class FaceRecognitionModule(L.LightningModule):
         self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
+            # Written with weight averaging (callbacks=ema): `state_dict` holds the average, and
+            # the trained tensors, which the optimizer state belongs to, are here: continue from them.
+            log.info("the checkpoint holds averaged weights (callbacks=ema); training without averaging continues from its trained weights")
+            checkpoint["state_dict"] = checkpoint["current_model_state"]
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
         # the weights re-shard in MarginHead._load_from_state_dict, the optimizer state here
