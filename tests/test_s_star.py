@@ -166,7 +166,8 @@ FACTORS = [3 ** (k / 4) for k in range(-4, 5)]
 TRUE_LINES = {"normface": (1.2, 0.5), "cosface": (2.0, -1.0)}  # s*(C) = slope ln(C - 1) + intercept
 SEED_SHIFT = {0: 0.05, 1: -0.05}  # each seed's peak sits at s* e^(+-0.05): their mean peaks at s*
 VAL = "val/synthetic_heldout"
-COLUMNS = ["epoch", "step", "train/loss", "train/s", "train/top1", "val/accuracy_mean", f"{VAL}/accuracy", f"{VAL}/auc"]
+COLUMNS = ["epoch", "step", "train/loss", "train/s", "train/top1", "train/theta_med", "train/p_target",
+           "train/grad_norm_backbone", "val/accuracy_mean", f"{VAL}/accuracy", f"{VAL}/auc", f"{VAL}/tar@far=1e-02"]  # fmt: skip
 
 
 def true_peak(head: str, c: int) -> float:
@@ -189,11 +190,14 @@ def write_sweep_run(run_dir: Path, overrides: list[str], head: str, policy: str,
     rows = []
     for step in range(steps):
         progress = (step + 1) / steps
-        rows.append({"epoch": 0, "step": step, "train/loss": 10.0, "train/s": s, "train/top1": 0.8 * progress})
+        rows.append({"epoch": 0, "step": step, "train/loss": 10.0, "train/s": s, "train/top1": 0.8 * progress,
+                     "train/theta_med": 60.0 - 20 * progress, "train/p_target": 0.5 * progress,
+                     "train/grad_norm_backbone": 0.1 * s * (1 + step % 3)})  # median over the steps: 0.2 s
         if (step + 1) % val_every == 0:
             short = 0.1 * (1 - progress) if rising else 0.05 * max(0.0, 0.6 - progress)
             rows.append({"epoch": 0, "step": step, "val/accuracy_mean": end["accuracy"] - short,
-                         f"{VAL}/accuracy": end["accuracy"] - short, f"{VAL}/auc": end["auc"] - short})  # fmt: skip
+                         f"{VAL}/accuracy": end["accuracy"] - short, f"{VAL}/auc": end["auc"] - short,
+                         f"{VAL}/tar@far=1e-02": end["auc"] - 0.2 - short})  # fmt: skip
     (run_dir / "csv").mkdir()
     with open(run_dir / "csv" / "metrics.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
@@ -279,6 +283,16 @@ def test_s_sweep_tables_show_the_plateau_check_and_the_formula(tmp_path):
     assert rising.endswith("| 2.0 ± 0.0 | 2.0 ± 0.0 | 16.0 ± 0.0 | **no** |")
     assert "It holds for 64 of the 65 points validated often enough to tell." in tables  # 7 x 9 grid points, 2 references
     assert table_row(tables, "| synthetic_classes, C=300, normface | dynamic |").endswith("| yes |")
+    # theta_med and P(target): means over the last 5 % of the steps; the backbone's gradient norm: median over all
+    at_auto = table_row(tables, "| synthetic_classes, C=300, normface | s/s_auto = 1 |")
+    progress = 0.98  # the mean of (step + 1) / 100 over the last 5 steps
+    expected = f"| {80 * progress:.1f} ± 0.0 | {60 - 20 * progress:.1f} ± 0.0 | {0.5 * progress:.1e} ± 0.0e+00 |"
+    assert f"{expected} {0.2 * auto_scale(300):.2f} ± 0.00 |" in at_auto
+    # TAR@FAR=1e-2: the mean over seeds of each run's last value (fabricated as its AUC - 20 pp)
+    point = next(p for c in curves if c.name == "synthetic_classes, C=300, normface" for p in c.grid if p.label == "s/s_auto = 1")
+    tar, tar_std = point.mean_std("tar")
+    assert tar == pytest.approx(point.mean_std("auc")[0] - 0.2)
+    assert f"| {100 * tar:.1f} ± {100 * tar_std:.1f} | {80 * progress:.1f} ± 0.0 |" in at_auto
     s_auto = auto_scale(300)
     auc_at_auto = 0.95 - 0.05 * (math.log(s_auto / true_peak("normface", 300)) ** 2 + 0.05**2)  # mean of the seeds
     summary = table_row(tables, "| synthetic_classes, C=300, normface | 300 |")

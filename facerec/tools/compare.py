@@ -193,6 +193,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 TRAIN_TAIL = 0.05
 
 
+def median_grad_norm(run: Run) -> float:
+    """The backbone's gradient norm, median over the run's steps: s multiplies the gradient like a
+    learning-rate factor, so every comparison across s shows it."""
+    values = run.curve("train/grad_norm_backbone")[1]
+    return float(np.median(values)) if len(values) else math.nan
+
+
 def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: float | None = 1e-3) -> list[GroupSummary]:
     runs = [run for group in groups.values() for run in group]
     tar = tar_metric(runs, far)
@@ -209,9 +216,7 @@ def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: f
         "p_target": lambda run: run.final("train/p_target", TRAIN_TAIL),
         "top1": lambda run: run.final("train/top1", TRAIN_TAIL),
         "loss": lambda run: run.final("train/loss", TRAIN_TAIL),
-        "grad_norm": lambda run: float(np.median(run.curve("train/grad_norm_backbone")[1]))
-        if len(run.curve("train/grad_norm_backbone")[1])
-        else math.nan,
+        "grad_norm": median_grad_norm,
         "steps_to_95": lambda run: steps_to_fraction_of_best(run, metric),
         "wall_time_s": lambda run: run.wall_time_s,
     }
