@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -496,7 +497,8 @@ def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep") ->
     tables = s_sweep_tables(curves, fits)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = ", ".join(dict.fromkeys(Path(d).name for d in sweep_dirs))
+    # wrapped: a sweep run in parts has many dirs, and one long line would set the figure's width
+    title = textwrap.fill(", ".join(dict.fromkeys(Path(d).name for d in sweep_dirs)), 120)
     paths = [out_dir / f"{name}_curves.png", out_dir / f"{name}_fit.png", out_dir / f"{name}.md"]
     for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title), paths[1])):
         figure.savefig(path, dpi=110, bbox_inches="tight")
