@@ -451,7 +451,7 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
     # over the sweep's C only: at small C (ln(C - 1) below ~1) P(theta) has no inflection at 45 deg
     x_inflection = np.linspace(min(math.log(curve.num_classes - 1) for curve in curves), x_max, 50)
     s_inflection = [auto_scale(math.exp(x) + 1, THETA0, "inflection") for x in x_inflection]
-    figure, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(13, 5.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(13, 7), squeeze=False)
     for ax, metric in zip(axes[0], SWEEP_METRICS):
         ax.plot(x_line, x_line / math.cos(THETA0), "-", color="k", label="formula ln(C − 1) / cos 45° (half criterion)")
         ax.plot(x_inflection, s_inflection, ":", color="k", label="inflection criterion, θ0 = 45°")
@@ -479,7 +479,7 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
         ax.set_xlim(0, x_max)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: never over a point
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the x label: never over a point or the label
     if title:
         figure.suptitle(title)
     figure.tight_layout()
