@@ -298,7 +298,18 @@ def test_s_sweep_tables_show_the_plateau_check_and_the_formula(tmp_path):
     summary = table_row(tables, "| synthetic_classes, C=300, normface | 300 |")
     assert f"| {s_auto:.2f} / {auto_scale(300, THETA0, 'inflection'):.2f} | 2 |" in summary
     assert f"| {100 * auc_at_auto:.1f} ± " in summary
+    # the grid points within 1 pp of the best mean AUC: |ln(s / s*)| up to sqrt(0.2 + u_best^2) on this quadratic
+    # (accuracy: u^2 up to 0.25 + u_best^2), shown after each metric's s*
+    for metric, curvature in (("auc", 0.05), ("accuracy", 0.04)):
+        mean = [-curvature * math.log(f * s_auto / true_peak("normface", 300)) ** 2 for f in FACTORS]
+        near = [f for f, value in zip(FACTORS, mean) if value >= max(mean) - 0.01]
+        assert 1 < len(near) < len(FACTORS)  # a band of several points, narrower than the grid
+        s_star = true_peak("normface", 300)
+        assert f"{s_star:.2f} [{s_star * math.exp(-0.05):.2f}, {s_star * math.exp(0.05):.2f}] | " + (
+            f"{s_star / s_auto:.2f} | " if metric == "auc" else ""
+        ) + f"{near[0]:.2f}–{near[-1]:.2f} ({len(near)} of 9) |" in summary
     edge = table_row(tables, "| synthetic_classes, C=100, normface | 100 |")
+    assert "| 3.00 (1 of 9) |" in edge  # the peak (5 s_auto) lies beyond the grid: 2.28 s_auto is 1.8 pp below 3 s_auto
     assert "(edge: not bracketed)" in edge
     # its peak (5 s_auto) lies beyond the grid's top (3 s_auto): the auto scale loses u^2 = ln(5)^2 - ln(5/3)^2 times 0.05 / 0.04
     lost = math.log(5) ** 2 - math.log(5 / 3) ** 2

@@ -36,6 +36,9 @@ THETA0 = math.pi / 4  # the formula's line: s = ln(C - 1) / cos 45 deg
 PLATEAU_WINDOW = 0.2  # plateau: over the last 20 % of the steps ...
 PLATEAU_RISE = 0.01  # ... held-out AUC and accuracy (means over seeds) rose by less than 1 pp
 FIT_HALF_WIDTH = 2  # s* is fitted to the best grid point and up to 2 neighbours on each side
+# The grid points within 1 pp of the best mean are not told apart from it: 1 pp is about the spread
+# between two seeds here, and the standard error of AUC on LFW DevTest's 999 pairs (~0.9 pp).
+NEAR_BEST = 0.01
 BOOTSTRAP_SAMPLES = 2000
 _IMAGES_LOGGED = re.compile(r": (\d+) images of (\d+) identities")  # facerec.data.image_folder's log line
 SWEEP_METRICS = {"auc": "held-out AUC", "accuracy": "held-out accuracy"}
@@ -189,6 +192,15 @@ class SweepCurve:
     def s_auto(self) -> float:
         return auto_scale(self.num_classes, THETA0)
 
+    def near_best(self, metric: str, within: float = NEAR_BEST) -> list[SweepPoint]:
+        """The grid points whose mean is within `within` of the best grid point's: where s* could be, read
+        without a fit. Where they reach both ends of the grid, the curve is flat and s* is not resolved."""
+        means = [point.mean_std(metric)[0] for point in self.grid]
+        if not means or all(math.isnan(mean) for mean in means):
+            return []
+        best = np.nanmax(means)
+        return [point for point, mean in zip(self.grid, means) if mean >= best - within]
+
     def point_at_auto(self) -> SweepPoint | None:
         """The grid point at the auto scale (scale.factor=1), if the grid has it."""
         return next((p for p in self.grid if math.isclose(p.s, self.s_auto, rel_tol=1e-4)), None)
@@ -310,7 +322,8 @@ def _interval(peak: tuple[float, float, float, bool]) -> str:
 def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str:
     """Markdown: s*(C) per curve, the line fits against the formula, and every point with its plateau check."""
     header = ["curve", "C", "train images", "ln(C−1)", "s_auto (half / inflection)", "seeds", "s* from AUC [95 %]",
-              "s* / s_auto (AUC)", "s* from accuracy [95 %]", "AUC at s_auto (%)", "best grid AUC (%) (at s)",
+              "s* / s_auto (AUC)", f"s / s_auto within {NEAR_BEST * 100:.0f} pp of the best AUC", "s* from accuracy [95 %]",
+              f"s / s_auto within {NEAR_BEST * 100:.0f} pp of the best accuracy", "AUC at s_auto (%)", "best grid AUC (%) (at s)",
               "accuracy at s_auto (%)", "best grid accuracy (%) (at s)", "lost at s_auto: AUC / accuracy (pp)"]  # fmt: skip
     rows = []
     for curve in curves:
@@ -324,6 +337,13 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
             text = _format(*point.mean_std(metric), 100)
             return f"{text} ({point.s:.2f})" if with_s else text
 
+        def near_best(metric: str) -> str:  # "0.25–1.00 (6 of 11)": the range of factors, and how many points
+            points = curve.near_best(metric)
+            if not points:
+                return "–"
+            factors = dict.fromkeys(f"{point.s / curve.s_auto:.2f}" for point in (points[0], points[-1]))
+            return f"{'–'.join(factors)} ({len(points)} of {len(curve.grid)})"
+
         def lost(metric: str) -> str:  # the best grid point's mean minus the auto scale's
             if at_auto is None or best[metric] is None:
                 return "–"
@@ -334,7 +354,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
             f"{math.log(curve.num_classes - 1):.3f}",
             f"{curve.s_auto:.2f} / {auto_scale(curve.num_classes, THETA0, 'inflection'):.2f}", str(seeds),
             _interval(curve.peaks["auc"]), _format(curve.peaks["auc"][0] / curve.s_auto, math.nan, digits=2),
-            _interval(curve.peaks["accuracy"]),
+            near_best("auc"), _interval(curve.peaks["accuracy"]), near_best("accuracy"),
             at(at_auto, "auc"), at(best["auc"], "auc", True), at(at_auto, "accuracy"), at(best["accuracy"], "accuracy", True),
             f"{lost('auc')} / {lost('accuracy')}",
         ])  # fmt: skip
@@ -442,7 +462,8 @@ def plot_s_curves(curves: Sequence[SweepCurve], title: str | None = None):
 def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: str | None = None):
     """s*(C) against ln(C - 1) with bootstrap intervals, per family, beside the formula's predictions (the
     half criterion's line and the inflection criterion's curve) and the s the auto_margin runs used; one
-    panel per metric (s* fitted on AUC, on accuracy). Hollow markers: best grid point at the grid's edge."""
+    panel per metric (s* fitted on AUC, on accuracy). Hollow markers: best grid point at the grid's edge.
+    Shaded bars: the s of the grid points within NEAR_BEST of the best one, which the sweep cannot tell apart."""
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(curve.family for curve in curves))
@@ -455,13 +476,17 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
     for ax, metric in zip(axes[0], SWEEP_METRICS):
         ax.plot(x_line, x_line / math.cos(THETA0), "-", color="k", label="formula ln(C − 1) / cos 45° (half criterion)")
         ax.plot(x_inflection, s_inflection, ":", color="k", label="inflection criterion, θ0 = 45°")
+        ax.plot([], [], "-", color="grey", linewidth=7, alpha=0.2, label=f"grid points within {NEAR_BEST * 100:.0f} pp of the best")
         for index, family in enumerate(families):
             colour = f"C{index}"
             members = [c for c in curves if c.family == family]
             for curve in members:
                 s, low, high, bracketed = curve.peaks[metric]
                 if not math.isnan(s):
-                    x = math.log(curve.num_classes - 1)
+                    # families side by side where they share a C (synthetic and LFW at C = 1,000)
+                    x = math.log(curve.num_classes - 1) + 0.08 * (index - (len(families) - 1) / 2)
+                    near = curve.near_best(metric)
+                    ax.vlines(x, near[0].s, near[-1].s, color=colour, linewidth=7, alpha=0.2)
                     # the bootstrap interval need not contain the peak of the mean curve (2 seeds): a bar, then the point
                     ax.vlines(x, low, high, color=colour, linewidth=1)
                     ax.plot(x, s, "o", color=colour, markerfacecolor=colour if bracketed else "none")
