@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure and GPU-only path check of docs/benchmarks.md, on one CUDA GPU, in under 10 minutes
+# Every GPU figure and GPU-only path check of docs/research/benchmarks.md, on one CUDA GPU, in under 10 minutes
 # on an H100/H200 (estimated; the lower-priority throughput configurations are skipped past 7 minutes):
 #   benchmarks/gpu_throughput.sh [OUT_DIR]        (default: benchmarks/results)
 # Needs facerec and its dependencies installed beside a CUDA build of torch; PYTHON names the interpreter

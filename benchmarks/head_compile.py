@@ -50,7 +50,7 @@ def step(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, clock)
     loss = head.loss(embeddings, labels)[0]
     loss.backward()
     seconds = clock() - start
-    return seconds, [loss.detach(), embeddings.grad, head.weight.grad]
+    return seconds, [loss.detach(), embeddings.grad, head.centres.weight.grad]
 
 
 def benchmark(build, backends: list[str], args) -> dict[str, dict]:

@@ -7,11 +7,11 @@ training diagnostics.
 
 On a GPU every op is at least one kernel launch, a few microseconds of host time whatever its size, so
 a Python loop over blocks whose number grows with C becomes thousands of launches at C = 10^6. The
-loops over row blocks (`row_block` in facerec/heads/margin_loss.py) choose their blocking by device:
+loops over row blocks (`row_block` in facerec/heads/blocks.py) choose their blocking by device:
 ~2^17 elements per block on the CPU, a fixed number of blocks on any other device. This script counts
 the ops of one step with torch.profiler on the CPU twice: with the CPU blocking (what runs here) and
-with the blocking the CUDA path takes. For the latter `row_block` (in margin_loss, and in scale, which
-imports it by name) is told that the device is "cuda": it reads nothing but the device's type, and
+with the blocking the CUDA path takes. For the latter `row_block` (as the loss and the scale policies
+import it by name) is told that the device is "cuda": it reads nothing but the device's type, and
 nothing else on the head's path branches on the device, so the CPU dispatches the ops that a CUDA
 run of the same step would launch.
 
@@ -40,12 +40,16 @@ from contextlib import contextmanager, nullcontext
 from unittest import mock
 
 import torch
-from hydra.utils import instantiate
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from facerec.config import compose_config
-from facerec.heads import MarginHead, margin_loss
+from facerec.paths import REPO_ROOT
+from facerec.training.fit import build_head as head_of_config
+from facerec.heads import MarginHead
+from facerec.heads import loss as fused_loss
 from facerec.heads import scale as scale_policies
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the helper that composes the real configs, shared with the tests
+from config_helpers import compose_config  # noqa: E402
 
 MIB = 2**20
 FORWARD = "head.loss forward"
@@ -66,19 +70,18 @@ def build_head(head: str, scale: str, num_classes: int, dim: int) -> MarginHead:
     """The head of `python train.py head=<head> scale=<scale>` with C classes and d-dimensional embeddings."""
     overrides = [f"head={head}", f"scale={scale}", f"dataset.num_classes={num_classes}", f"model.embedding_size={dim}"]
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose_config(overrides, out)
-    return instantiate(cfg.head, scale=instantiate(cfg.scale))
+        return head_of_config(compose_config(overrides, out))
 
 
 @contextmanager
 def cuda_blocking():
     """`row_block` answers as for a CUDA tensor of the same shape, wherever the tensor lives."""
-    row_block = margin_loss.row_block
+    row_block = fused_loss.row_block
 
     def as_on_cuda(num_rows: int, num_columns: int, device: torch.device) -> int:
         return row_block(num_rows, num_columns, torch.device("cuda"))
 
-    with mock.patch.object(margin_loss, "row_block", as_on_cuda), mock.patch.object(scale_policies, "row_block", as_on_cuda):
+    with mock.patch.object(fused_loss, "row_block", as_on_cuda), mock.patch.object(scale_policies, "row_block", as_on_cuda):
         yield
 
 
@@ -115,7 +118,7 @@ def count_step(head: MarginHead, embeddings: torch.Tensor, labels: torch.Tensor,
     `zero_grad(set_to_none=True)` leaves them, so every step dispatches the same ops."""
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
-    embeddings.grad = head.weight.grad = None
+    embeddings.grad = head.centres.weight.grad = None
     with cuda_blocking() if blocking == "cuda" else nullcontext():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function(FORWARD):

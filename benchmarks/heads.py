@@ -39,6 +39,7 @@ from facerec.heads import (
     ElasticFace,
     FixedScale,
     MagFace,
+    MarginHead,
     NormFace,
     SphereFace,
     SubCenterArcFace,
@@ -48,19 +49,19 @@ S = 64.0  # the published s of the reference implementations; our heads use it t
 
 # name -> builder(d, C); every head with the fixed scale, plus the policies that cost something.
 HEADS = {
-    "normface": lambda d, c: NormFace(d, c, scale=FixedScale(S)),
-    "cosface": lambda d, c: CosFace(d, c, scale=FixedScale(S)),
-    "arcface": lambda d, c: ArcFace(d, c, scale=FixedScale(S)),
-    "sphereface": lambda d, c: SphereFace(d, c, scale=FixedScale(S)),
-    "combined": lambda d, c: CombinedMargin(d, c, scale=FixedScale(S)),
-    "cosface + auto_margin": lambda d, c: CosFace(d, c, scale=AutoMarginScale()),
-    "cosface + dynamic": lambda d, c: CosFace(d, c, scale=DynamicScale()),
-    "adacos + dynamic": lambda d, c: AdaCos(d, c, scale=DynamicScale()),
-    "adaface": lambda d, c: AdaFace(d, c, scale=FixedScale(S)),
-    "magface": lambda d, c: MagFace(d, c, scale=FixedScale(S)),
-    "elasticface (arc+)": lambda d, c: ElasticFace(d, c, scale=FixedScale(S), std=0.0175, plus=True),
-    "curricularface": lambda d, c: CurricularFace(d, c, scale=FixedScale(S)),
-    "subcenter arcface (K=3)": lambda d, c: SubCenterArcFace(d, c, scale=FixedScale(S)),
+    "normface": lambda d, c: MarginHead(d, c, NormFace(), FixedScale(S)),
+    "cosface": lambda d, c: MarginHead(d, c, CosFace(), FixedScale(S)),
+    "arcface": lambda d, c: MarginHead(d, c, ArcFace(), FixedScale(S)),
+    "sphereface": lambda d, c: MarginHead(d, c, SphereFace(), FixedScale(S)),
+    "combined": lambda d, c: MarginHead(d, c, CombinedMargin(), FixedScale(S)),
+    "cosface + auto_margin": lambda d, c: MarginHead(d, c, CosFace(), AutoMarginScale()),
+    "cosface + dynamic": lambda d, c: MarginHead(d, c, CosFace(), DynamicScale()),
+    "adacos + dynamic": lambda d, c: MarginHead(d, c, AdaCos(), DynamicScale()),
+    "adaface": lambda d, c: MarginHead(d, c, AdaFace(), FixedScale(S)),
+    "magface": lambda d, c: MarginHead(d, c, MagFace(), FixedScale(S)),
+    "elasticface (arc+)": lambda d, c: MarginHead(d, c, ElasticFace(std=0.0175, plus=True), FixedScale(S)),
+    "curricularface": lambda d, c: MarginHead(d, c, CurricularFace(), FixedScale(S)),
+    "subcenter arcface (K=3)": lambda d, c: MarginHead(d, c, SubCenterArcFace(), FixedScale(S)),
 }
 BASELINE = "nn.Linear + cross-entropy"
 

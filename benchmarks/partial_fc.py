@@ -26,13 +26,14 @@ import resource
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from facerec.heads import CosFace, FixedScale, partial_fc, shard_range
+from facerec.heads import ClassCentres, CosFace, FixedScale, MarginHead, PartialFC, shard_range
 
 D, B = 512, 128
 MIB = 2**20
@@ -87,14 +88,13 @@ def _worker(rank: int, world_size: int, classes: int, rate: float | None, steps:
     torch.manual_seed(rank)
     x = torch.randn(B, D, requires_grad=True)
     labels = torch.randint(0, classes, (B,))
+    centres = ClassCentres if rate is None else partial(PartialFC, sample_rate=rate)
     with torch.device("meta"):  # no full (C, d) matrix on any rank: only this rank's rows are materialised
-        head = CosFace(D, classes, scale=FixedScale(64.0))
-    if rate is not None:
-        head = partial_fc(head, sample_rate=rate)
-        head.shard()
+        head = MarginHead(D, classes, CosFace(), FixedScale(64.0), centres=centres)
+    head.shard()
     baseline = _current_rss()
     head.to_empty(device="cpu")
-    torch.nn.init.normal_(head.weight, std=0.01)
+    torch.nn.init.normal_(head.centres.weight, std=0.01)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     times = []
     for _ in range(steps):

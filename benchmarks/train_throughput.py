@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py [options] [config overrides ...]
     python benchmarks/train_throughput.py torch.num_threads=1            # CPU: the default experiment (tiny net)
     python benchmarks/train_throughput.py experiment=smoke --steps 8 --log-every 4 --rounds 1   # CI size
-    benchmarks/gpu_throughput.sh OUT_DIR                                 # the GPU figures of docs/benchmarks.md
+    benchmarks/gpu_throughput.sh OUT_DIR                                 # the GPU figures of docs/research/benchmarks.md
 
 Every path trains the one FaceRecognitionModule built from the real configs (conf/train.yaml plus
 the overrides, composed as train.py composes them; --models/--classes/--batch-sizes/--compile
@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -55,12 +56,16 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from facerec.config import compose_config, instantiate_all
+from facerec.config import instantiate_all
+from facerec.paths import REPO_ROOT
 from facerec.paths import DATA_DIR
 from facerec.data import FaceDataModule, RecordDataset, SyntheticIdentities
 from facerec.data.convert import folder_to_rec
 from facerec.training.module import total_grad_norm
 from facerec.training.fit import build_module, compile_model, configure_torch
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # the helper that composes the real configs, shared with the tests
+from config_helpers import compose_config  # noqa: E402
 
 PATHS = ("raw", "raw+guard", "lightning/bare", "lightning", "lightning/1")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16, "32-true": None}
@@ -242,7 +247,7 @@ def head_cost(cfg, batch_size: int, device: torch.device, repeats: int = 5) -> d
     module = build_module(cfg)
     compile_model(module, {**cfg.compile, "backbone": False})
     head = module.head.to(device)
-    weight = head.weight
+    weight = head.centres.weight
     embeddings = torch.randn(batch_size, head.embedding_size, device=device, requires_grad=True)
     labels = torch.randint(head.num_classes, (batch_size,), device=device)
     losses = {

@@ -1,17 +1,17 @@
-"""Hydra glue: custom resolvers, instantiation of config groups holding several objects, composing the configs."""
+"""Hydra glue: the resolvers of run names and run dirs, and instantiation of config groups holding several objects."""
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from facerec.paths import REPO_ROOT
+from facerec.checkpoint_files import find_last_checkpoint
+from facerec.cluster import slurm_job_id, slurm_rank
 
 
 def _run_group() -> str:
@@ -51,9 +51,6 @@ def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     `runs_dir` holding checkpoints/last.ckpt, and an explicit checkpoint of a train.py run dir
     picks that dir. Otherwise a new directory `runs_dir/stamp`; in a SLURM job `runs_dir/slurm-<job
     id>` instead, the same for all its tasks and after every requeue of the job."""
-    from facerec.training.checkpoints import find_last_checkpoint
-    from facerec.training.cluster import slurm_job_id
-
     job_id = slurm_job_id()
     fresh = str(Path(runs_dir) / (f"slurm-{job_id}" if job_id else stamp))
     if ckpt_path in (None, "", "None"):
@@ -70,10 +67,6 @@ def _config_subdir() -> str | None:
     """Where Hydra saves the composed config: `.hydra`, or `.hydra/resumed_<time>` when a resumed
     run reuses its directory, so the original config is never overwritten. Only rank 0 of a SLURM
     job saves it (Lightning's own launcher passes `hydra.output_subdir=null` to the other ranks)."""
-    from datetime import datetime
-
-    from facerec.training.cluster import slurm_rank
-
     if slurm_rank() > 0:
         return None
     if (Path(HydraConfig.get().runtime.output_dir) / ".hydra" / "config.yaml").exists():
@@ -94,21 +87,3 @@ def instantiate_all(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
-
-
-def compose_config(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
-    """The real config of a repo entry point (conf/), composed as `python <config_name>.py` would
-    compose it, with outputs under `output_dir`: for tests and benchmarks that build from the configs."""
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(REPO_ROOT)
-        cfg.paths.output_dir = str(output_dir)
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.override_dirname = ",".join(overrides)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as in a real run: the task sees its config, `${hydra:...}` reads HydraConfig
-    return cfg

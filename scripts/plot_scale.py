@@ -1,6 +1,6 @@
 """Plot P(theta), the target-class probability against the angle to the class centre.
 
-    python scripts/plot_scale.py                      # -> docs/figures/scale_probability.png
+    python scripts/plot_scale.py                      # -> docs/research/figures/scale_probability.png
     python scripts/plot_scale.py --out /tmp/p.png --num-classes 85742
 
 P(theta) = e^{s f(theta)} / (e^{s f(theta)} + C - 1), the other classes at 90 degrees.
@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from facerec.heads import CosFace, FixedScale, NormFace, auto_scale  # noqa: E402
+from facerec.heads import CosFace, NormFace, auto_scale  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def plot(num_classes: int, out: Path) -> None:
     theta0 = math.pi / 4
     theta = torch.linspace(0, math.pi / 2, 901, dtype=torch.float64)
     degrees = torch.rad2deg(theta)
-    normface = NormFace(1, 3, scale=FixedScale()).target_logit
-    cosface = CosFace(1, 3, scale=FixedScale(), m=0.35).target_logit
+    normface = NormFace().target_logit
+    cosface = CosFace(m=0.35).target_logit
     s_auto = auto_scale(num_classes, theta0)
     s_margin = auto_scale(num_classes, theta0, target_logit=cosface)
     auto = (s_auto, f"s = {s_auto:.2f} (auto)")
@@ -59,7 +59,7 @@ def plot(num_classes: int, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-classes", type=int, default=10_575)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "figures" / "scale_probability.png")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "research" / "figures" / "scale_probability.png")
     args = parser.parse_args()
     plot(args.num_classes, args.out)
     print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
-"""Write the table of bad inputs in docs/reliability.md by running every case of tests/bad_inputs.py.
+"""Write the table of bad inputs in docs/guide/reliability.md by running every case of tests/bad_inputs.py.
 
-    python scripts/reliability_table.py           # rewrite the table in docs/reliability.md
+    python scripts/reliability_table.py           # rewrite the table in docs/guide/reliability.md
     python scripts/reliability_table.py --print   # print it only
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOC = REPO_ROOT / "docs" / "reliability.md"
+DOC = REPO_ROOT / "docs" / "guide" / "reliability.md"
 BEGIN, END = "<!-- bad-inputs:begin -->", "<!-- bad-inputs:end -->"
 
 

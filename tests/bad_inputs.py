@@ -1,6 +1,6 @@
 """The catalogue of bad inputs: each case builds one broken file or config in a temporary folder and
 feeds it to the real code. `test_bad_inputs.py` checks what each one does; scripts/reliability_table.py
-writes the table in docs/reliability.md from the same cases (a test keeps the two in step).
+writes the table in docs/guide/reliability.md from the same cases (a test keeps the two in step).
 
 A case returns None when the input must raise (the outcome is the exception), or a string saying
 what was skipped and counted when the input is tolerated by design.
@@ -205,15 +205,24 @@ def unknown_key(tmp: Path):
     _hydra(tmp, "scale.nope=1")
 
 
-@case("config", "head.embedding_size differs from the backbone's", ValueError, r"embeddings of shape \(128,\) but the head expects \(64,\)")
+@case("config", "a head config that states a size (the sizes come from model and dataset): +head.embedding_size=64", ValueError, r"head\.embedding_size: a head config holds the margin's parameters only")
 def embedding_size(tmp: Path):
+    from facerec.training.fit import build_module
+
+    build_module(_compose(tmp, "+head.embedding_size=64"))
+
+
+@case("config", "an evaluation set at another image size than the training images", ValueError, r"'synthetic_heldout' yields images of shape \(3, 48, 48\), but the backbone \(training images \(3, 32, 32\)\) takes \(3, 32, 32\)")
+def val_image_size(tmp: Path):
     from hydra.utils import instantiate
 
+    from facerec.evaluation.evalsets import build_protocols
     from facerec.training.checks import check_data_and_model
     from facerec.training.fit import build_module
 
-    cfg = _compose(tmp, "head.embedding_size=64")
-    check_data_and_model(instantiate(cfg.dataset), build_module(cfg))
+    cfg = _compose(tmp, "+evalset.synthetic_heldout.pairs.image_size=48")
+    image_sets = {name: protocol.image_set() for name, protocol in build_protocols(cfg, cfg.val_sets).items()}
+    check_data_and_model(instantiate(cfg.dataset, _partial_=True)(val_sets=image_sets), build_module(cfg))
 
 
 @case("config", "the model's input size differs from the data's image size", ValueError, r"takes \(B, 3, 64, 64\) images, got \(2, 3, 32, 32\)")
@@ -244,7 +253,7 @@ def margin_on_normface(tmp: Path):
 # ----------------------------------------------------------------- checkpoints
 @case("checkpoints", "malicious .ckpt (a pickle that would create a file)", ValueError, r"weights-only")
 def malicious_ckpt(tmp: Path):
-    from facerec.training.checkpoints import load_checkpoint
+    from facerec.checkpoint_files import load_checkpoint
 
     torch.save({"state_dict": {}, "x": WritesAFile(tmp / "pwned")}, tmp / "evil.ckpt")
     _refused_without_running(load_checkpoint, tmp / "evil.ckpt", tmp / "pwned")
@@ -252,7 +261,7 @@ def malicious_ckpt(tmp: Path):
 
 @case("checkpoints", "a checkpoint not written by train.py", ValueError, r"holds no facerec run config")
 def foreign_ckpt(tmp: Path):
-    from facerec.training.checkpoints import load_backbone
+    from facerec.backbones.weights import load_backbone
 
     torch.save({"state_dict": {}}, tmp / "other.ckpt")
     load_backbone(tmp / "other.ckpt")
@@ -311,7 +320,7 @@ def _saved_checkpoint(path: Path) -> Path:
 
 @case("checkpoints", "a checkpoint cut to 20 kB (an interrupted copy)", ValueError, r"truncated \(20,000 bytes\): a zip archive .*central directory")
 def truncated_ckpt(tmp: Path):
-    from facerec.training.checkpoints import load_checkpoint
+    from facerec.checkpoint_files import load_checkpoint
 
     path = _saved_checkpoint(tmp / "last.ckpt")
     path.write_bytes(path.read_bytes()[:20_000])
@@ -320,7 +329,7 @@ def truncated_ckpt(tmp: Path):
 
 @case("checkpoints", "a file that is no checkpoint at all (an HTML error page saved as .ckpt)", ValueError, r"corrupt \([\d,]+ bytes\): neither a zip archive .* nor a pickle")
 def not_a_ckpt(tmp: Path):
-    from facerec.training.checkpoints import load_checkpoint
+    from facerec.checkpoint_files import load_checkpoint
 
     (tmp / "last.ckpt").write_text("<html><body>404 Not Found</body></html>\n")
     load_checkpoint(tmp / "last.ckpt")
@@ -328,7 +337,7 @@ def not_a_ckpt(tmp: Path):
 
 @case("checkpoints", "a checkpoint with damaged bytes inside its pickle", ValueError, r"corrupt \([\d,]+ bytes\): member .*data\.pkl of its zip archive fails its CRC-32 check")
 def damaged_ckpt(tmp: Path):
-    from facerec.training.checkpoints import load_checkpoint
+    from facerec.checkpoint_files import load_checkpoint
 
     path = _saved_checkpoint(tmp / "last.ckpt")
     data = bytearray(path.read_bytes())
@@ -341,7 +350,7 @@ def damaged_ckpt(tmp: Path):
 @case("checkpoints", "eval.py weights= (insightface backbone.pth) cut short", ValueError, r"weights file .*truncated \([\d,]+ bytes\)")
 def truncated_weights(tmp: Path):
     from facerec.backbones import build
-    from facerec.training.checkpoints import load_backbone_weights
+    from facerec.backbones.weights import load_backbone_weights
 
     torch.save(build("tiny", width=4, input_size=32).state_dict(), tmp / "backbone.pth")
     (tmp / "backbone.pth").write_bytes((tmp / "backbone.pth").read_bytes()[:-100])
@@ -351,7 +360,7 @@ def truncated_weights(tmp: Path):
 @case("checkpoints", "eval.py weights= of another backbone (tiny width 4 into width 8)", ValueError, r"do not fit model=tiny .*shape mismatches: stem\.0\.weight: file \(4, 3, 3, 3\), model \(8, 3, 3, 3\)")
 def weights_of_another_backbone(tmp: Path):
     from facerec.backbones import build
-    from facerec.training.checkpoints import load_backbone_weights
+    from facerec.backbones.weights import load_backbone_weights
 
     torch.save(build("tiny", width=4, input_size=32).state_dict(), tmp / "backbone.pth")
     load_backbone_weights({"_target_": "facerec.backbones.build", "name": "tiny", "width": 8, "input_size": 32}, tmp / "backbone.pth")

@@ -16,17 +16,33 @@ os.environ.pop("WANDB_API_KEY", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from facerec.config import compose_config, register_resolvers  # noqa: E402, F401  (tests import compose_config from here)
+from config_helpers import CONF_DIR, compose_config  # noqa: E402, F401  (tests import compose_config from here)
+from facerec.config import register_resolvers  # noqa: E402
 from facerec.paths import DATA_DIR, REPO_ROOT  # noqa: E402, F401  (and the paths)
 
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
 register_resolvers()
 
-CONF_DIR = REPO_ROOT / "conf"
-
 # conf/experiment/smoke.yaml: seconds per run on one CPU thread.
 TINY_RUN = ["experiment=smoke"]
+
+
+def evaluate_set(backbone: torch.nn.Module, protocol, **extract_options):
+    """A protocol's evaluation of a backbone in one process: every image embedded once (see
+    facerec.evaluation.extract_embeddings for the options), then scored as eval.py and validation score."""
+    from facerec.evaluation import evaluate_features, extract_embeddings
+
+    return evaluate_features(protocol, extract_embeddings(backbone, protocol.image_set(), **extract_options))
+
+
+@pytest.fixture(scope="session")
+def ijb_fixture(shared_data) -> Path:
+    """The LFW-based IJB-C fixture where conf/evalset/ijbc_fixture*.yaml read it (logs/fixtures/IJBC),
+    built by an explicit call (as `facerec-make-fixture` builds it) if it is not there yet."""
+    from facerec.tools.make_fixture import make_ijb_fixture
+
+    return make_ijb_fixture(REPO_ROOT / "logs" / "fixtures", "IJBC")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from facerec import lightning_compat
+
 READS = ["item", "tolist", "__bool__", "__int__", "__float__", "numpy", "nonzero", "unique", "masked_select"]
 FUNCTIONS = ["nonzero", "unique", "masked_select"]
 NOT_COUNTED = ("/facerec/data/", "/torch/utils/data/", "/sync_counter.py")
@@ -84,7 +86,7 @@ class SyncCounter(L.Callback):
         self._logging = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._logging = bool(trainer._logger_connector.should_update_logs)
+        self._logging = lightning_compat.logs_this_step(trainer)
 
     def _close_step(self) -> None:
         if self._logging is not None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import TINY_RUN, compose_config, read_metrics
 from facerec.config import instantiate_all
-from facerec.training.checkpoints import build_backbone
+from facerec.backbones.weights import build_backbone
 from facerec.training.fit import build_module
 
 # The smoke run takes 8 images of each of its 20 classes: 160 images.
@@ -70,7 +70,7 @@ class RecordMicroBatches(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.micro_batches.append(
-            {"step": trainer.global_step, "labels": batch[1].clone(), "centres": pl_module.head.weight.detach().clone(),
+            {"step": trainer.global_step, "labels": batch[1].clone(), "centres": pl_module.head.centres.weight.detach().clone(),
              "before": head_buffers(pl_module)}
         )
 
@@ -174,9 +174,9 @@ def test_a_skipped_step_restores_the_state_before_its_first_micro_batch(tmp_path
     overrides = ["head=adaface", "scale=dynamic", "scale.max_scale=100", "dataset.batch_size=8", "trainer.accumulate_grad_batches=2",
                  "trainer.max_epochs=1"]
     module, trainer = fit(tmp_path, overrides, [fault])
-    assert int(module.nonfinite_steps) == 1 and trainer.global_step == IMAGES // 16
+    assert int(module.step_guard.nonfinite_steps) == 1 and trainer.global_step == IMAGES // 16
     assert any("running_mean" in name for name in fault.before["model"]) and "head.scale.s" in fault.before["model"]
-    assert {"head.batch_mean", "head.batch_std"} <= set(fault.before["model"])
+    assert {"head.margin.batch_mean", "head.margin.batch_std"} <= set(fault.before["model"])
     for name, before in fault.before["model"].items():
         assert torch.equal(before, fault.after["model"][name]), name
     assert len(fault.before["momentum"]) == len(list(module.parameters()))
@@ -192,12 +192,12 @@ def test_s_and_the_margin_emas_advance_per_micro_batch_and_log_once_per_step(tmp
     overrides = ["head=adaface", "scale=dynamic", "scale.max_scale=100", "dataset.batch_size=8", "trainer.accumulate_grad_batches=2",
                  "trainer.max_epochs=-1", "trainer.max_steps=4"]
     module, trainer = fit(tmp_path, overrides, [recorder])
-    rate, policy = module.head.t_alpha, module.head.scale
+    rate, policy = module.head.margin.t_alpha, module.head.scale
     assert [record["step"] for record in recorder.micro_batches] == [0, 0, 1, 1, 2, 2, 3, 3]
     for record in recorder.micro_batches:
         before, after, embeddings, labels = record["before"], record["after"], record["embeddings"], record["labels"]
         norms = embeddings.norm(dim=1).clamp(0.001, 100)  # AdaFace's clipped norms of this micro-batch
-        for name, statistic in [("batch_mean", norms.mean()), ("batch_std", norms.std())]:
+        for name, statistic in [("margin.batch_mean", norms.mean()), ("margin.batch_std", norms.std())]:
             assert after[name].item() == pytest.approx((1 - rate) * before[name].item() + rate * statistic.item(), rel=1e-6)
         # Dynamic AdaCos on this micro-batch alone, at the s the previous micro-batch left
         cosine = F.normalize(embeddings.double(), dim=1) @ F.normalize(record["centres"].double(), dim=1).T

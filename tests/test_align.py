@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from facerec.data.align import ARCFACE_TEMPLATE, align_face, main, require_cv2, similarity_transform
-from facerec.data.ijb_fixture import make_ijb_fixture
+from facerec.tools.make_fixture import make_ijb_fixture
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Every bad input in the catalogue (tests/bad_inputs.py) gets a clear error or a counted, logged skip,
-and docs/reliability.md shows what each one does."""
+and docs/guide/reliability.md shows what each one does."""
 from __future__ import annotations
 
 import re
@@ -23,11 +23,11 @@ def test_bad_input_is_refused_or_skipped_clearly(bad, tmp_path):
 
 
 def test_reliability_doc_lists_every_case_with_its_current_outcome():
-    doc = (REPO_ROOT / "docs" / "reliability.md").read_text()
+    doc = (REPO_ROOT / "docs" / "guide" / "reliability.md").read_text()
     table = subprocess.run(
         [sys.executable, "scripts/reliability_table.py", "--print"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     ).stdout
-    assert table.strip() in doc, "docs/reliability.md is stale: run python scripts/reliability_table.py"
+    assert table.strip() in doc, "docs/guide/reliability.md is stale: run python scripts/reliability_table.py"
     assert all(c.description in doc for c in CASES)
 
 

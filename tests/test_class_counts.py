@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from conftest import compose_config, run_script
 from data_helpers import smooth_image, write_image, write_jpeg_folder, write_rec_folder
 from facerec.data import ImageFolderDataset, RecordDataset
-from facerec.training.fit import build_module, read_num_classes
+from facerec.training.fit import build_module, fill_num_classes
 
-SMALL = ["model=tiny", "model.width=4", "dataset.train.image_size=32", "~dataset.val_sets"]
+SMALL = ["model=tiny", "model.width=4", "dataset.train.image_size=32", "val_sets=[]"]
 
 
 @pytest.fixture
@@ -41,15 +41,17 @@ def test_count_classes_agrees_with_the_datasets(faces, tmp_path):
 def test_image_folder_without_num_classes_gives_the_head_the_folders_count(faces, tmp_path):
     cfg = compose_config(["dataset=image_folder", f"dataset.train.root={faces}", *SMALL], tmp_path / "run")
     assert OmegaConf.select(cfg, "dataset.num_classes") is None  # conf/dataset/image_folder.yaml leaves it out
+    fill_num_classes(cfg)
     module = build_module(cfg)
     assert cfg.dataset.num_classes == module.head.num_classes == 3
-    assert module.config["dataset"]["num_classes"] == module.config["head"]["num_classes"] == 3  # saved in checkpoints
+    assert module.config["dataset"]["num_classes"] == 3  # saved in checkpoints
     assert instantiate(cfg.dataset).num_classes == 3
 
 
 def test_recordio_without_num_classes_reads_the_property_file(tmp_path):
     records = write_rec_folder(tmp_path, identities=4)
     cfg = compose_config(["dataset=recordio", f"dataset.train.root={records}", *SMALL], tmp_path / "run")
+    fill_num_classes(cfg)
     module = build_module(cfg)
     assert cfg.dataset.num_classes == cfg.dataset.train.num_classes == module.head.num_classes == 4
     assert instantiate(cfg.dataset).train_set.num_classes == 4
@@ -57,7 +59,7 @@ def test_recordio_without_num_classes_reads_the_property_file(tmp_path):
 
 def test_a_stated_count_is_checked_against_the_data(faces, tmp_path):
     cfg = compose_config(["dataset=image_folder", f"dataset.train.root={faces}", "dataset.num_classes=5", *SMALL], tmp_path)
-    read_num_classes(cfg)
+    fill_num_classes(cfg)
     assert cfg.dataset.num_classes == 5  # stated: not read, but checked when the data is built
     message = f"dataset.num_classes=5 but {faces} holds 3 identity folders with images; set dataset.num_classes=3"
     with pytest.raises(InstantiationException, match=re.escape(message)):  # Hydra's wrapper of the ValueError
@@ -72,7 +74,7 @@ def test_a_stated_count_is_checked_against_the_data(faces, tmp_path):
 def test_datasets_whose_count_is_not_in_the_data_still_need_it(tmp_path):
     cfg = compose_config(["dataset=synthetic", "dataset.num_classes=null"], tmp_path)
     with pytest.raises(ValueError, match="dataset.num_classes is not set, and the training set facerec.data.SyntheticIdentities"):
-        build_module(cfg)
+        fill_num_classes(cfg)
 
 
 def test_folder_without_images_is_refused_when_counting(tmp_path):
@@ -98,10 +100,10 @@ def test_train_py_records_the_count_it_read(faces, tmp_path):
     run_script([*command, f"hydra.run.dir={run_dir}"])
     assert "dataset.num_classes = 3, read from the training data" in (run_dir / "train.log").read_text()
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))  # as Hydra saved it, unresolved
-    assert saved["dataset"]["num_classes"] == 3 and saved["head"]["num_classes"] == "${dataset.num_classes}"
+    assert saved["dataset"]["num_classes"] == 3
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["facerec_config"]["dataset"]["num_classes"] == 3
-    assert checkpoint["state_dict"]["head.weight"].shape[0] == 3
+    assert checkpoint["state_dict"]["head.centres.weight"].shape[0] == 3
     # a checkpoint resumes only into the class count it was trained with, read or stated
     write_image(faces / "newcomer" / "0.png", smooth_image(np.random.default_rng(2)))
     refused = run_script([*command, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"], check=False)

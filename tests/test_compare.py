@@ -11,6 +11,7 @@ import yaml
 
 from conftest import TINY_RUN, run_script
 from facerec.tools import compare
+from facerec.tools import runs as run_logs
 
 VAL = "val/synthetic_heldout"
 COLUMNS = ["epoch", "step", "train/loss", "train/s", "train/theta_med", "train/p_target", "train/top1",
@@ -71,7 +72,7 @@ def test_read_metrics_keeps_the_last_row_of_a_step(tmp_path):
     """A resumed run appends rows for steps it had already logged: the later row wins."""
     resumed = [{"epoch": 0, "step": 5, "train/loss": -1.0}, {"epoch": 0, "step": 29, "val/accuracy_mean": 0.99}]
     write_run(tmp_path, ["scale=auto"], [0.5, 0.6, 0.7], 13.0, 45.0, [log("00:00:00", START)], extra_rows=resumed)
-    series = compare.read_metrics(tmp_path / "csv" / "metrics.csv")
+    series = run_logs.read_metrics(tmp_path / "csv" / "metrics.csv")
     steps, loss = series["train/loss"]
     assert steps.tolist() == list(range(30)) and loss[5] == -1.0 and loss[4] == 20 - 0.4
     assert series["val/accuracy_mean"][0].tolist() == [9, 19, 29]
@@ -82,15 +83,15 @@ def test_wall_time_sums_the_starts_of_a_resumed_run(tmp_path):
     lines = [log("10:00:00", START), "  a continuation line", log("10:05:30"),  # ran 5.5 min, was stopped
              log("12:00:00", START), log("12:02:00")]  # resumed two hours later, ran 2 min  # fmt: skip
     (tmp_path / "train.log").write_text("\n".join(lines))
-    assert compare.wall_time(tmp_path / "train.log") == 7.5 * 60
-    assert math.isnan(compare.wall_time(tmp_path / "missing.log"))
+    assert run_logs.wall_time(tmp_path / "train.log") == 7.5 * 60
+    assert math.isnan(run_logs.wall_time(tmp_path / "missing.log"))
 
 
 def test_groups_by_swept_keys_and_aggregates_seeds(tmp_path):
     write_sweep(tmp_path / "sweep")
-    runs, keys = compare.load_runs([tmp_path / "sweep"])
+    runs, keys = run_logs.load_runs([tmp_path / "sweep"])
     assert keys == ["scale"]  # the seed is aggregated, experiment=smoke was not swept
-    groups = compare.group_runs(runs, keys)
+    groups = run_logs.group_runs(runs, keys)
     assert list(groups) == ["scale=fixed", "scale=auto"] and [len(g) for g in groups.values()] == [2, 2]
 
     fixed, auto = compare.summarize(groups)
@@ -115,10 +116,10 @@ def test_groups_by_swept_keys_and_aggregates_seeds(tmp_path):
 def test_tar_falls_back_to_the_smallest_far_logged(tmp_path):
     """LFW DevTest has 499 different pairs: TAR@FAR=1e-3 is not measurable, 1e-2 is reported."""
     write_sweep(tmp_path / "sweep")
-    runs, keys = compare.load_runs([tmp_path / "sweep"])
+    runs, keys = run_logs.load_runs([tmp_path / "sweep"])
     for run in runs:
         del run.series[f"{VAL}/tar@far=1e-03"]
-    summaries = compare.summarize(compare.group_runs(runs, keys), far=1e-3)
+    summaries = compare.summarize(run_logs.group_runs(runs, keys), far=1e-3)
     assert summaries[0].tar_metric == f"{VAL}/tar@far=1e-02"
     assert summaries[1].values["tar"][0] == pytest.approx(0.825)
 
@@ -129,9 +130,9 @@ def test_several_sweeps_combine_and_differing_overrides_group(tmp_path):
     (tmp_path / "b").mkdir()
     lines = [log("10:00:00", START), log("10:01:00")]
     write_run(tmp_path / "b" / "0", ["scale=fixed64", "seed=0", "experiment=smoke"], [0.5, 0.6], 64.0, 70.0, lines)
-    runs, keys = compare.load_runs([tmp_path / "a", tmp_path / "b"])  # b has no multirun.yaml
+    runs, keys = run_logs.load_runs([tmp_path / "a", tmp_path / "b"])  # b has no multirun.yaml
     assert keys == ["scale"]
-    assert list(compare.group_runs(runs, keys)) == ["scale=fixed", "scale=auto", "scale=fixed64"]
+    assert list(run_logs.group_runs(runs, keys)) == ["scale=fixed", "scale=auto", "scale=fixed64"]
 
 
 def test_cli_writes_one_figure_and_one_table(tmp_path, capsys):
@@ -158,9 +159,9 @@ def test_compare_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
     run_script(["train.py", "-m", *TINY_RUN, "logger=csv", "scale=fixed,auto", f"hydra.sweep.dir={sweep}"])
     out = run_script(["-m", "facerec.tools.compare", str(sweep)]).stdout
-    runs, keys = compare.load_runs([sweep])
+    runs, keys = run_logs.load_runs([sweep])
     assert keys == ["scale"] and len(runs) == 2
-    fixed, auto = compare.summarize(compare.group_runs(runs, keys))
+    fixed, auto = compare.summarize(run_logs.group_runs(runs, keys))
     assert fixed.values["s"][0] == pytest.approx(30.0)
     assert auto.values["s"][0] == pytest.approx(math.sqrt(2) * math.log(20 - 1))  # the smoke data has C = 20
     for summary in (fixed, auto):

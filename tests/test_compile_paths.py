@@ -26,8 +26,9 @@ from torch import nn
 from torch._dynamo.backends.registry import lookup_backend
 from torch.utils.data import DataLoader
 
-from facerec.evaluation import VerificationMetric, embed, extract_embeddings
-from facerec.heads import AdaFace, CosFace, DynamicScale, FixedScale, SubCenterArcFace, partial_fc
+from facerec.data import VerificationSet
+from facerec.evaluation import EvaluationMetric, PairVerification, embed, extract_embeddings
+from facerec.heads import AdaFace, CosFace, DynamicScale, FixedScale, MarginHead, PartialFC, SubCenterArcFace
 from facerec.training.fit import compile_model
 from facerec.training.module import FaceRecognitionModule
 
@@ -97,7 +98,7 @@ def test_the_flip_test_of_a_backbone_that_reuses_its_output_buffer(cudagraph_ste
 def test_embeddings_a_metric_keeps_survive_the_next_batches(cudagraph_steps, flip):
     backbone = StaticOutputBackbone(cudagraph_steps)
     batches = [images(4, seed) for seed in range(3)]
-    metric = VerificationMetric(pairs=[[0, 1]], issame=[True], num_images=12)
+    metric = EvaluationMetric(PairVerification(VerificationSet("twelve", 12, pairs=[[0, 1]], issame=[True])))
     for index, batch in enumerate(batches):  # what validation_step does, batch after batch
         metric.update(embed(backbone, batch, flip), torch.arange(4 * index, 4 * index + 4))
     for kept, batch in zip(metric.embeddings, batches):
@@ -132,9 +133,9 @@ def test_without_cuda_graphs_marking_steps_neither_imports_inductor_nor_changes_
 
 # ------------------------------------------------------------------ head.loss
 HEADS = {
-    "cosface + dynamic s": lambda: CosFace(EMBEDDING_SIZE, 9, scale=DynamicScale()),  # s is a buffer the step updates
-    "adaface": lambda: AdaFace(EMBEDDING_SIZE, 9, scale=FixedScale(30.0)),  # EMA buffers, a per-sample margin
-    "subcenter arcface": lambda: SubCenterArcFace(EMBEDDING_SIZE, 9, scale=FixedScale(30.0)),  # K centres per class
+    "cosface + dynamic s": lambda: MarginHead(EMBEDDING_SIZE, 9, CosFace(), DynamicScale()),  # s is a buffer the step updates
+    "adaface": lambda: MarginHead(EMBEDDING_SIZE, 9, AdaFace(), FixedScale(30.0)),  # EMA buffers, a per-sample margin
+    "subcenter arcface": lambda: MarginHead(EMBEDDING_SIZE, 9, SubCenterArcFace(), FixedScale(30.0)),  # K centres per class
 }
 
 
@@ -164,7 +165,7 @@ def training_step(head: nn.Module, embeddings: torch.Tensor, labels: torch.Tenso
     head.zero_grad(set_to_none=True)
     loss, stats = head.loss(embeddings, labels, statistics=statistics)
     loss.backward()
-    return loss.detach(), stats, embeddings.grad, head.weight.grad
+    return loss.detach(), stats, embeddings.grad, head.centres.weight.grad
 
 
 def assert_same_step(compiled, eager) -> None:
@@ -207,19 +208,19 @@ def test_compile_head_compiles_the_loss_training_calls_and_computes_the_eager_st
 
 def test_a_compiled_head_copies_and_pickles_as_a_head():
     torch.manual_seed(0)
-    compiled = compiled_copy(CosFace(EMBEDDING_SIZE, 9, scale=FixedScale(30.0)), "aot_eager")
+    compiled = compiled_copy(MarginHead(EMBEDDING_SIZE, 9, CosFace(), FixedScale(30.0)), "aot_eager")
     embeddings, labels = torch.randn(8, EMBEDDING_SIZE), torch.randint(0, 9, (8,))
     copied = copy.deepcopy(compiled)
     with torch.no_grad():
-        copied.weight.mul_(-1)  # the copy's loss must read the copy's centres, not the original's
+        copied.centres.weight.mul_(-1)  # the copy's loss must read the copy's centres, not the original's
     assert copied.loss.__self__ is copied and copied.loss.__func__ is compiled.loss.__func__
-    reference = CosFace(EMBEDDING_SIZE, 9, scale=FixedScale(30.0))
+    reference = MarginHead(EMBEDDING_SIZE, 9, CosFace(), FixedScale(30.0))
     reference.load_state_dict(copied.state_dict())
     torch.testing.assert_close(copied.loss(embeddings, labels)[0], reference.loss(embeddings, labels)[0])
     # pickled (torch.save of the module, a spawned process), it comes back with the plain method,
     # as nn.Module.compile's compiled call does
     unpickled = pickle.loads(pickle.dumps(compiled))
-    assert unpickled.loss.__func__ is CosFace.loss and unpickled.loss.__self__ is unpickled
+    assert unpickled.loss.__func__ is MarginHead.loss and unpickled.loss.__self__ is unpickled
     torch.testing.assert_close(unpickled.loss(embeddings, labels)[0], compiled.loss(embeddings, labels)[0])
 
 
@@ -233,7 +234,7 @@ def sharded_worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD_SIZE)
     torch.manual_seed(0)
-    eager = partial_fc(CosFace(EMBEDDING_SIZE, 9, scale=DynamicScale()))
+    eager = MarginHead(EMBEDDING_SIZE, 9, CosFace(), DynamicScale(), centres=PartialFC)
     eager.shard()
     graphs = []
     compiled = compiled_copy(eager, counting_backend(graphs))

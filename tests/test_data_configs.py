@@ -1,4 +1,4 @@
-"""Dataset and verification-set configs compose and instantiate; train.py runs on real LFW and ORL."""
+"""Dataset and evaluation-set configs compose and instantiate; train.py runs on real LFW and ORL."""
 from __future__ import annotations
 
 import math
@@ -10,22 +10,24 @@ from conftest import CONF_DIR, column, compose_config, read_metrics, run_script
 from data_helpers import write_jpeg_folder
 from facerec.data import BinVerificationSet, LfwPairs, write_bin
 from facerec.data.convert import folder_to_rec
+from facerec.evaluation import PairVerification
 
-VERIFICATION_SETS = sorted(p.stem for p in (CONF_DIR / "verification").glob("*.yaml"))
+EVALUATION_SETS = sorted(p.stem for p in (CONF_DIR / "evalset").glob("*.yaml"))
 BIN_SETS = {"lfw_bin": "lfw", "cfp_fp": "cfp_fp", "cfp_ff": "cfp_ff", "agedb_30": "agedb_30", "calfw": "calfw",
             "cplfw": "cplfw", "vgg2_fp": "vgg2_fp"}  # config -> file stem in paths.verification_dir
 
 
-def test_verification_group_holds_the_expected_sets():
-    assert set(VERIFICATION_SETS) >= {"lfw", "lfw_devtest", *BIN_SETS}
+def test_evalset_group_holds_the_expected_sets():
+    assert set(EVALUATION_SETS) >= {"lfw", "lfw_devtest", "orl_heldout", "ijbc", "ijbc_1n", "lfw_megaface", *BIN_SETS}
 
 
 @pytest.mark.parametrize("name", sorted(BIN_SETS))
 def test_bin_set_configs_read_from_the_verification_dir(name, tmp_path, jpeg_pair):
     write_bin(tmp_path / f"{BIN_SETS[name]}.bin", jpeg_pair * 2, [True, False])
-    cfg = compose_config([f"+verification={name}", f"paths.verification_dir={tmp_path}"], tmp_path)
-    val_set = instantiate(cfg.verification)
-    assert isinstance(val_set, BinVerificationSet) and val_set.name == name and len(val_set.issame) == 2
+    cfg = compose_config([f"val_sets=[{name}]", f"paths.verification_dir={tmp_path}"], tmp_path)
+    protocol = instantiate(cfg.evalset[name])
+    assert isinstance(protocol, PairVerification) and isinstance(protocol.pairs, BinVerificationSet)
+    assert protocol.pairs.name == name and len(protocol.pairs.issame) == 2
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +38,9 @@ def jpeg_pair(tmp_path_factory):
 
 def test_lfw_configs_work_out_of_the_box(shared_data, tmp_path):
     for name, pairs in [("lfw", 6000), ("lfw_devtest", 999)]:
-        cfg = compose_config([f"+verification={name}", f"paths.data_dir={shared_data}"], tmp_path)
-        val_set = instantiate(cfg.verification)
-        assert isinstance(val_set, LfwPairs) and len(val_set.issame) == pairs
+        cfg = compose_config([f"val_sets=[{name}]", f"paths.data_dir={shared_data}"], tmp_path)
+        pair_set = instantiate(cfg.evalset[name]).pairs
+        assert isinstance(pair_set, LfwPairs) and len(pair_set.issame) == pairs
 
 
 @pytest.mark.parametrize(
@@ -54,8 +56,8 @@ def test_insightface_dataset_configs(option, num_classes, root, tmp_path):
     cfg = compose_config([f"dataset={option}", "paths.data_dir=/data"], tmp_path)
     assert cfg.dataset.num_classes == cfg.dataset.train.num_classes == num_classes
     assert cfg.dataset.train.root == f"/data/{root}"
-    assert set(cfg.dataset.val_sets) == {"lfw", "cfp_fp", "agedb_30"}
-    assert cfg.dataset.val_sets.cfp_fp.path == "/data/verification/cfp_fp.bin"
+    assert list(cfg.val_sets) == list(cfg.dataset.val_sets) == ["lfw_bin", "cfp_fp", "agedb_30"]
+    assert cfg.evalset.cfp_fp.pairs.path == "/data/verification/cfp_fp.bin"
 
 
 def test_recordio_config_trains_from_a_converted_folder(tmp_path):
@@ -83,7 +85,7 @@ def test_recordio_config_trains_from_a_converted_folder(tmp_path):
             f"hydra.run.dir={tmp_path / 'run'}",
         ]
     )
-    for name in ("lfw", "cfp_fp", "agedb_30"):
+    for name in ("lfw_bin", "cfp_fp", "agedb_30"):
         assert f"held-out verification {name}: accuracy" in out.stdout
 
 

@@ -10,7 +10,7 @@ import torch
 
 from fault_injection import signal_at
 from conftest import TINY_RUN, read_metrics, run_script
-from facerec.training.cluster import slurm_job_id
+from facerec.cluster import slurm_job_id
 
 SLURM_TASK = {
     "SLURM_JOB_ID": "4242",
@@ -42,7 +42,7 @@ def test_a_two_process_run_writes_one_run_dir_and_resumes_on_one_process(tmp_pat
     assert (run_dir / "train.log").exists() and (run_dir / "train_ddp_process_1.log").exists()
     assert "finished after 10 steps" in out.stdout  # 160 images, 16 per batch and rank, 2 epochs
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["state_dict"]["head.weight"].shape == (20, 128)  # the full classifier, not rank 0's half
+    assert checkpoint["state_dict"]["head.centres.weight"].shape == (20, 128)  # the full classifier, not rank 0's half
 
     # One process resumes it, sharded (one shard) or with the plain head: the same checkpoint either way.
     resumed = {}
@@ -131,13 +131,13 @@ def test_every_new_head_trains_class_sharded_on_two_processes(head, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     state = checkpoint["state_dict"]
     centres = 3 if head == "subcenter_arcface" else 1
-    assert state["head.weight"].shape == (20 * centres, 128)  # the full classifier, gathered from both ranks
+    assert state["head.centres.weight"].shape == (20 * centres, 128)  # the full classifier, gathered from both ranks
     assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
-    buffers = {"adaface": ["head.batch_mean", "head.batch_std"], "curricularface": ["head.t"], "elasticface_arc": ["head.step"]}
+    buffers = {"adaface": ["head.margin.batch_mean", "head.margin.batch_std"], "curricularface": ["head.margin.t"], "elasticface_arc": ["head.margin.step"]}
     for key in buffers.get(head, []):
         assert key in state
     if head == "elasticface_arc":
-        assert int(state["head.step"]) == 5  # one draw per step, the same on both ranks
+        assert int(state["head.margin.step"]) == 5  # one draw per step, the same on both ranks
     rows = read_metrics(tmp_path)
     logged = [row for row in rows if row.get("train/theta_med")]
     assert logged and all(float(row["train/norm_mean"]) > 0 for row in logged)

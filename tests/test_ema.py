@@ -15,7 +15,7 @@ from conftest import CONF_DIR, TINY_RUN, compose_config, read_metrics, run_scrip
 from facerec.config import instantiate_all
 from facerec.evaluation.evaluate import evaluate
 from facerec.training.callbacks import WeightEMA
-from facerec.training.checkpoints import load_backbone
+from facerec.backbones.weights import load_backbone
 from facerec.training.fit import build_module
 from facerec.tools.export import export_checkpoint
 from fault_injection import infinite_gradient_at, nonfinite_images_at
@@ -25,9 +25,9 @@ EMA = ["callbacks=ema", f"callbacks.ema.decay={DECAY}"]
 SKIPPED = 5  # the global step whose forward gets NaN images
 # the validation set of conf/experiment/smoke.yaml, as eval.py overrides
 SMOKE_SET = [
-    "+verification.synthetic_heldout.num_identities=20",
-    "+verification.synthetic_heldout.images_per_identity=4",
-    "+verification.synthetic_heldout.num_pairs=80",
+    "+evalset.synthetic_heldout.pairs.num_identities=20",
+    "+evalset.synthetic_heldout.pairs.images_per_identity=4",
+    "+evalset.synthetic_heldout.pairs.num_pairs=80",
 ]
 SCORES = ["accuracy", "accuracy_std", "auc", "eer", "threshold"]
 
@@ -80,7 +80,7 @@ def ema_run(tmp_path_factory) -> Path:
 def evaluate_checkpoint(checkpoint: Path, output_dir: Path) -> dict:
     cfg = compose_config([f"ckpt_path={checkpoint}", *SMOKE_SET], output_dir, config_name="eval")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return evaluate(cfg)["synthetic_heldout"]
+        return evaluate(cfg)["synthetic_heldout"].result
 
 
 def test_callbacks_ema_adds_the_average_to_the_default_callbacks(tmp_path):
@@ -97,7 +97,7 @@ def test_callbacks_ema_adds_the_average_to_the_default_callbacks(tmp_path):
 def test_the_average_follows_the_steps_taken_and_passes_over_a_skipped_one(ema_run):
     checkpoints = step_checkpoints(ema_run / "steps")
     assert sorted(checkpoints) == list(range(1, 21))
-    assert checkpoints[20]["current_model_state"]["nonfinite_steps"] == 1
+    assert checkpoints[20]["current_model_state"]["step_guard.nonfinite_steps"] == 1
     assert_recursion(checkpoints, skipped=frozenset({SKIPPED}))
     # the checkpoint the run ends with holds the last average (and the trained tensors beside it)
     last = torch.load(ema_run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -142,7 +142,7 @@ def test_a_step_the_gradscaler_skips_is_not_averaged_in(tmp_path):
     run_script(["train.py", *TINY_RUN, *EMA, "trainer.max_epochs=1", "logger=csv", "trainer.precision=null", plugin,
                 f"hydra.run.dir={tmp_path}", every_step(tmp_path / "steps"), infinite_gradient_at(3)])
     checkpoints = step_checkpoints(tmp_path / "steps")
-    assert checkpoints[10]["current_model_state"]["nonfinite_steps"] == 0
+    assert checkpoints[10]["current_model_state"]["step_guard.nonfinite_steps"] == 0
     assert_recursion(checkpoints, skipped=frozenset({3}))
 
 
@@ -165,6 +165,6 @@ def test_under_partial_fc_each_rank_averages_its_rows_and_the_checkpoint_gathers
     checkpoints = step_checkpoints(tmp_path / "steps")
     assert sorted(checkpoints) == list(range(1, 11))  # 160 images, 16 per batch and rank, 2 epochs
     for checkpoint in checkpoints.values():  # both shards' rows, of the average and of the trained head
-        assert checkpoint["state_dict"]["head.weight"].shape == checkpoint["current_model_state"]["head.weight"].shape == (20, 128)
+        assert checkpoint["state_dict"]["head.centres.weight"].shape == checkpoint["current_model_state"]["head.centres.weight"].shape == (20, 128)
     # the gathered average is the average of the gathered rows: each rank averaged its own shard
     assert_recursion(checkpoints)

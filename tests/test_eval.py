@@ -1,4 +1,4 @@
-"""eval.py end to end on checkpoints trained by train.py; its bad-input errors; the verification sets."""
+"""eval.py end to end on checkpoints trained by train.py; its bad-input errors; the evaluation sets."""
 from __future__ import annotations
 
 import io
@@ -17,9 +17,10 @@ from PIL import Image
 from conftest import CONF_DIR, TINY_RUN, compose_config, read_metrics, run_script
 from facerec.backbones import build
 from facerec.data import SyntheticPairs, VerificationSet
+from facerec.backbones.weights import load_backbone
 from facerec.evaluation import (
     EmbeddingNorms,
-    PairResult,
+    Evaluation,
     ProtocolResult,
     extract_embeddings,
     format_table,
@@ -27,15 +28,15 @@ from facerec.evaluation import (
     verify,
     write_results,
 )
-from facerec.evaluation.evaluate import compose_verification_sets, evaluate
-from facerec.training.checkpoints import load_backbone
+from facerec.evaluation.evalsets import compose_evalsets
+from facerec.evaluation.evaluate import evaluate
 from test_verification import assert_agrees, reference
 
 # The set the smoke run validates on (conf/experiment/smoke.yaml), as eval.py overrides.
 SMOKE_SET = [
-    "+verification.synthetic_heldout.num_identities=20",
-    "+verification.synthetic_heldout.images_per_identity=4",
-    "+verification.synthetic_heldout.num_pairs=80",
+    "+evalset.synthetic_heldout.pairs.num_identities=20",
+    "+evalset.synthetic_heldout.pairs.images_per_identity=4",
+    "+evalset.synthetic_heldout.pairs.num_pairs=80",
 ]
 
 
@@ -88,8 +89,8 @@ def test_eval_py_reproduces_the_validation_and_writes_json_and_roc(smoke_run, tm
 def test_eval_reads_the_default_set_at_the_checkpoints_input_size(smoke_run, tmp_path):
     checkpoint, _ = smoke_run
     results = evaluate_in_process([f"ckpt_path={checkpoint}", "batch_size=256", "bf16=true"], tmp_path)
-    assert results["synthetic_heldout"].num_pairs == 2000  # conf/verification/synthetic_heldout.yaml, 32 px
-    assert results["synthetic_heldout"].tar_at_far[1e-3] is not None
+    assert results["synthetic_heldout"].result.num_pairs == 2000  # conf/evalset/synthetic_heldout.yaml, 32 px
+    assert results["synthetic_heldout"].result.tar_at_far[1e-3] is not None
     assert (tmp_path / "results.json").exists() and (tmp_path / "curves.png").exists()
 
 
@@ -105,7 +106,7 @@ def tampered(checkpoint, tmp_path, model=None, weights=None):
 
 def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
     checkpoint, _ = smoke_run
-    with pytest.raises(ValueError, match=r"no verification config \['nope'\] .*conf/verification/<name>\.yaml.*available: .*synthetic_heldout"):
+    with pytest.raises(ValueError, match=r"no evaluation set config \['nope'\] .*conf/evalset/<name>\.yaml.*available: .*synthetic_heldout"):
         evaluate_in_process([f"ckpt_path={checkpoint}", "eval_sets=[synthetic_heldout,nope]"], tmp_path)
     other_size = tampered(checkpoint, tmp_path, model={"embedding_size": 256})
     with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*size mismatch for fc.weight.*torch.Size\(\[256, "):
@@ -114,9 +115,9 @@ def test_bad_input_gets_a_clear_error(smoke_run, tmp_path):
     with pytest.raises(ValueError, match=r"(?s)do not fit the backbone .*'width': 8.*size mismatch for stem"):
         evaluate_in_process([f"ckpt_path={other_backbone}"], tmp_path)
     with pytest.raises(ValueError, match=r"'synthetic_heldout' yields images of shape \(3, 64, 64\), but .*\(tiny\) takes \(3, 32, 32\)"):
-        evaluate_in_process([f"ckpt_path={checkpoint}", "+verification.synthetic_heldout.image_size=64"], tmp_path)
-    with pytest.raises(ValueError, match=r"overrides for \['lfw'\], which eval_sets=\['synthetic_heldout'\] does not name"):
-        evaluate_in_process([f"ckpt_path={checkpoint}", "+verification.lfw.root=x"], tmp_path)
+        evaluate_in_process([f"ckpt_path={checkpoint}", "+evalset.synthetic_heldout.pairs.image_size=64"], tmp_path)
+    with pytest.raises(ValueError, match=r"evalset overrides for \['lfw'\], which eval_sets=\['synthetic_heldout'\] does not name"):
+        evaluate_in_process([f"ckpt_path={checkpoint}", "+evalset.lfw.pairs.root=x"], tmp_path)
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
     nan_weights = tampered(checkpoint, tmp_path, weights={"backbone.fc.bias": state["backbone.fc.bias"] * np.nan})
     with pytest.raises(ValueError, match=r"set 'synthetic_heldout': the model produced non-finite \(NaN/inf\) embeddings for 80 of 80 images"):
@@ -148,22 +149,23 @@ def test_one_table_per_result_kind_and_a_cmc_panel_beside_the_roc(tmp_path):
     rng = np.random.default_rng(0)
     issame = np.arange(40) % 2 == 0
     pair_results = {
-        name: PairResult.of(verify(rng.normal(size=(40, 8)) + issame[:, None], rng.normal(size=(40, 8)) + issame[:, None], issame))
+        name: verify(rng.normal(size=(40, 8)) + issame[:, None], rng.normal(size=(40, 8)) + issame[:, None], issame)
         for name in ("set_a", "set_b")
     }
     results = {"gallery_g1": RankResult({1: 0.5, 5: 0.75}), **pair_results}
-    norms = {"set_a": EmbeddingNorms(2.0, 0.5), "gallery_g1": EmbeddingNorms(1.25, 0.125)}
-    text = format_table(results, norms)
+    norms = {"set_a": EmbeddingNorms(2.0, 0.5), "set_b": EmbeddingNorms(3.0, 0.25), "gallery_g1": EmbeddingNorms(1.25, 0.125)}
+    evaluations = {name: Evaluation(result, norms[name]) for name, result in results.items()}
+    text = format_table(evaluations)
     pairs_table, identification_table = text.split("\n\n### ")
     assert pairs_table.startswith("### pairs\n\n| set | pairs | accuracy (%) |") and "| set_a | 40 |" in pairs_table
-    assert pairs_table.splitlines()[-2].endswith("| 2 ± 0.5 |") and pairs_table.splitlines()[-1].endswith("| – |")  # set_b: no norms
+    assert pairs_table.splitlines()[-2].endswith("| 2 ± 0.5 |") and pairs_table.splitlines()[-1].endswith("| 3 ± 0.25 |")
     assert identification_table.splitlines()[2] == "| set | rank-1 (%) | rank-5 (%) | embedding norm (mean ± std) |"
     assert identification_table.splitlines()[-1] == "| gallery_g1 | 50.00 | 75.00 | 1.25 ± 0.12 |"
-    saved = json.loads(write_results(results, tmp_path / "results.json", norms, checkpoint="x.ckpt").read_text())
+    saved = json.loads(write_results(evaluations, tmp_path / "results.json", checkpoint="x.ckpt").read_text())
     assert saved["checkpoint"] == "x.ckpt" and saved["sets"]["gallery_g1"] == {
         "kind": "identification", "cmc": {"1": 0.5, "5": 0.75}, "notes": [], "embedding_norm": {"mean": 1.25, "std": 0.125}
     }
-    assert saved["sets"]["set_b"]["kind"] == "pairs" and "embedding_norm" not in saved["sets"]["set_b"]
+    assert saved["sets"]["set_b"]["kind"] == "pairs" and saved["sets"]["set_b"]["embedding_norm"] == {"mean": 3.0, "std": 0.25}
     with Image.open(plot_curves(results, tmp_path / "both.png")) as both, Image.open(plot_curves(pair_results, tmp_path / "roc.png")) as roc:
         assert both.size[0] == 2 * roc.size[0]  # a CMC panel beside the ROC panel
 
@@ -187,26 +189,20 @@ def test_extraction_shows_images_per_second_on_a_terminal_only(monkeypatch, caps
     assert quiet.getvalue() == ""
 
 
-def test_every_verification_config_composes_to_a_set():
-    names = sorted(p.stem for p in (CONF_DIR / "verification").glob("*.yaml"))
+def test_every_evaluation_set_config_composes_to_a_protocol(tmp_path):
+    names = sorted(p.stem for p in (CONF_DIR / "evalset").glob("*.yaml"))
     assert "synthetic_heldout" in names
+    cfg = compose_config(["ckpt_path=unused"], tmp_path, config_name="eval")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        configs = compose_verification_sets(names)
-    assert set(configs) == set(names) and all("_target_" in configs[name] for name in names)
+        compose_evalsets(cfg, names, "eval_sets")
+    assert all(cfg.evalset[name]._target_.startswith("facerec.evaluation.protocols.") for name in names)
 
 
 # ------------------------------------------------------------------ real LFW (../shared/data/lfw)
-needs_lfw_config = pytest.mark.skipif(
-    not (CONF_DIR / "verification" / "lfw.yaml").exists(), reason="conf/verification/lfw.yaml (the LFW reader) not merged yet"
-)
-
-
 def lfw_set(name: str, tmp_path) -> VerificationSet:
-    """A verification set through its real config (conf/verification/<name>.yaml)."""
+    """A pair set through its real config (conf/evalset/<name>.yaml)."""
     cfg = compose_config([f"eval_sets=[{name}]", "ckpt_path=unused"], tmp_path, config_name="eval")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg.verification = compose_verification_sets([name])
-    return instantiate(cfg.verification[name])
+    return instantiate(cfg.evalset[name]).pairs
 
 
 def pixel_embeddings(verification_set: VerificationSet) -> np.ndarray:
@@ -216,7 +212,6 @@ def pixel_embeddings(verification_set: VerificationSet) -> np.ndarray:
     return (grey - grey.mean(dim=1, keepdim=True)).numpy()
 
 
-@needs_lfw_config
 @pytest.mark.slow
 def test_lfw_view2_protocol_on_the_real_crops(shared_data, tmp_path):
     lfw = lfw_set("lfw", tmp_path)
@@ -233,7 +228,6 @@ def test_lfw_view2_protocol_on_the_real_crops(shared_data, tmp_path):
     assert 0.55 < result.accuracy < 0.75  # pixels on aligned faces: above chance, far from a face model
 
 
-@needs_lfw_config
 @pytest.mark.slow
 def test_eval_py_on_lfw(shared_data, tmp_path):
     checkpoint, _ = train_checkpoint(
@@ -247,7 +241,6 @@ def test_eval_py_on_lfw(shared_data, tmp_path):
     assert (tmp_path / "curves.png").exists()
 
 
-@pytest.mark.skipif(not (CONF_DIR / "verification" / "lfw_devtest.yaml").exists(), reason="lfw_devtest config not merged yet")
 def test_lfw_view1_devtest_gets_stratified_folds(shared_data, tmp_path):
     devtest = lfw_set("lfw_devtest", tmp_path)
     assert devtest.issame[:500].all()  # pairsDevTest.txt lists its same pairs first
@@ -256,7 +249,6 @@ def test_lfw_view1_devtest_gets_stratified_folds(shared_data, tmp_path):
     assert result.fold_policy == "stratified(seed=0)" and "stratified" in result.notes[0]
 
 
-@pytest.mark.skipif(not (CONF_DIR / "verification" / "agedb_30.yaml").exists(), reason=".bin set configs not merged yet")
 def test_a_set_whose_file_is_missing_is_named(smoke_run, tmp_path):
     checkpoint, _ = smoke_run
     with pytest.raises(Exception, match=rf"{tmp_path}/agedb_30\.bin"):

@@ -17,20 +17,20 @@ from facerec.data import SyntheticPairs
 from facerec.evaluation import extract_embeddings
 from facerec.evaluation.evaluate import evaluate
 from facerec.tools.export import export_checkpoint
-from facerec.training.checkpoints import load_backbone_weights
+from facerec.backbones.weights import load_backbone_weights
 from test_backbones import randomise_batchnorm
 
 INSIGHTFACE_KEYS = Path(__file__).parent / "fixtures" / "insightface_backbone_keys.json"
 # 20 images, 20 pairs in 10 folds: 80 IResNet-18 forward passes for two evaluations, ~6 s on one thread.
 SMALL_SET = [
-    "+verification.synthetic_heldout.num_identities=5",
-    "+verification.synthetic_heldout.images_per_identity=4",
-    "+verification.synthetic_heldout.num_pairs=20",
+    "+evalset.synthetic_heldout.pairs.num_identities=5",
+    "+evalset.synthetic_heldout.pairs.images_per_identity=4",
+    "+evalset.synthetic_heldout.pairs.num_pairs=20",
 ]
 SMOKE_SET = [
-    "+verification.synthetic_heldout.num_identities=20",
-    "+verification.synthetic_heldout.images_per_identity=4",
-    "+verification.synthetic_heldout.num_pairs=80",
+    "+evalset.synthetic_heldout.pairs.num_identities=20",
+    "+evalset.synthetic_heldout.pairs.images_per_identity=4",
+    "+evalset.synthetic_heldout.pairs.num_pairs=80",
 ]
 TINY = {"_target_": "facerec.backbones.build", "name": "tiny", "width": 4, "input_size": 32, "embedding_size": 64}
 
@@ -113,7 +113,7 @@ def test_onnx_model_gives_the_numbers_of_the_torch_path(tiny_checkpoint, onnx_mo
     assert onnx_json["model"]["input_size"] == 32 and onnx_json["model"]["embedding_size"] == 64  # read from the graph
     assert (onnx_json["model"]["input_mean"], onnx_json["model"]["input_std"]) == (127.5, 127.5)
     assert onnx_json["model"]["providers"] == ["CPUExecutionProvider"]
-    onnx_result, torch_result = from_onnx["synthetic_heldout"], from_torch["synthetic_heldout"]
+    onnx_result, torch_result = from_onnx["synthetic_heldout"].result, from_torch["synthetic_heldout"].result
     assert onnx_result.num_pairs == 80
     for key in ["accuracy", "accuracy_std", "auc", "eer"]:
         assert abs(getattr(onnx_result, key) - getattr(torch_result, key)) < 1e-4, key
@@ -127,7 +127,7 @@ def test_onnx_pixel_norm_file_and_fixed_batch_size_as_arcface_torch_reads_them(t
     import onnx
 
     from facerec.evaluation.onnx_model import OnnxEmbedder
-    from facerec.training.checkpoints import load_backbone
+    from facerec.backbones.weights import load_backbone
 
     model = onnx.load(str(onnx_model))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # exported for batch size 1
@@ -204,5 +204,5 @@ def test_bad_weights_and_onnx_files_get_a_clear_error(tiny_checkpoint, tmp_path)
 def test_an_onnx_model_at_another_size_than_the_set_is_named(onnx_model, tmp_path):
     size = r"'synthetic_heldout' yields images of shape \(3, 64, 64\), but the ONNX model tiny\.onnx takes \(3, 32, 32\)"
     with pytest.raises(ValueError, match=size):
-        evaluate_in_process([f"onnx_path={onnx_model}", "+verification.synthetic_heldout.image_size=64"], tmp_path)
+        evaluate_in_process([f"onnx_path={onnx_model}", "+evalset.synthetic_heldout.pairs.image_size=64"], tmp_path)
     assert not (tmp_path / "results.json").exists()  # the size check comes before any embedding

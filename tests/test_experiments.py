@@ -30,13 +30,13 @@ def test_comparison_experiments_sweep_every_scale_and_log_csv(experiment, tmp_pa
 def test_lfw_view1_trains_on_devtrain_and_verifies_on_devtest(tmp_path):
     cfg = compose_config(["experiment=lfw_view1"], tmp_path)
     assert cfg.dataset.train.identities.endswith("lfw/peopleDevTrain.txt") and cfg.dataset.num_classes == 4038
-    assert list(cfg.dataset.val_sets) == ["lfw_devtest"] and cfg.dataset.val_sets.lfw_devtest.pairs.endswith("pairsDevTest.txt")
+    assert list(cfg.val_sets) == ["lfw_devtest"] and cfg.evalset.lfw_devtest.pairs.pairs.endswith("pairsDevTest.txt")
 
 
 def test_synthetic_large_has_the_seeds_class_count(tmp_path):
     cfg = compose_config(["experiment=synthetic_large", "scale=auto"], tmp_path)
     module = build_module(cfg)
-    assert module.head.num_classes == 10_575 and module.head.weight.shape == (10_575, 128)
+    assert module.head.num_classes == 10_575 and module.head.centres.weight.shape == (10_575, 128)
     assert module.head.scale.value == pytest.approx(math.sqrt(2) * math.log(10_574))
     assert cfg.model.input_size == cfg.dataset.train.image_size == 48
 
@@ -49,7 +49,7 @@ def test_casia_cosface_is_the_gpu_reference_recipe(tmp_path):
     assert (cfg.model.name, cfg.head.m, cfg.optim.optimizer.lr, cfg.trainer.max_epochs) == ("iresnet50", 0.35, 0.1, 30)
     assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
     module = build_module(compose_config(["experiment=casia_cosface", "scale=fixed"], tmp_path))
-    assert module.head.weight.shape == (10_572, 512) and module.head.scale.value == 30.0
+    assert module.head.centres.weight.shape == (10_572, 512) and module.head.scale.value == 30.0
 
 
 def test_optuna_search_space_composes(tmp_path):

@@ -1,4 +1,5 @@
-"""Embedding extraction (flip test, batching, bf16) and the VerificationMetric, single- and multi-process."""
+"""Embedding extraction (flip test, batching, bf16) and the EvaluationMetric (validation's scoring
+path), single- and multi-process, for protocols of every kind."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, evaluate_set, run_script
 from facerec.backbones import build
 from facerec.data import SyntheticPairs
-from facerec.evaluation import VerificationMetric, embed, extract_embeddings
-from facerec.evaluation.evaluate import evaluate_set
+from facerec.evaluation import EvaluationMetric, PairVerification, embed, extract_embeddings
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
-from ddp_verification_metric import set_and_backbone  # noqa: E402
+from ddp_evaluation_metric import protocols_and_backbones  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +74,14 @@ def test_missing_and_nan_embeddings_are_reported(backbone, small_set):
 
 
 def test_metric_with_repeated_shuffled_rows_equals_evaluate_set(backbone, small_set):
-    expected = evaluate_set(backbone, small_set, batch_size=16)
+    expected = evaluate_set(backbone, PairVerification(small_set), batch_size=16).result
     table = extract_embeddings(backbone, small_set)
-    metric = VerificationMetric.for_set(small_set)
+    metric = EvaluationMetric(PairVerification(small_set))
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     order = torch.cat([order, order[:3]])  # a padded shard repeats images
     for chunk in order.split(8):
         metric.update(table[chunk], chunk)
-    result = metric.compute()
+    result = metric.compute().result
     assert result.fold_accuracies == expected.fold_accuracies and result.auc == expected.auc
     metric.reset()
     metric.update(table[:30], torch.arange(30))
@@ -89,20 +89,22 @@ def test_metric_with_repeated_shuffled_rows_equals_evaluate_set(backbone, small_
         metric.compute()
 
 
-def test_two_gloo_processes_gather_before_scoring(tmp_path):
-    """Each of 2 ranks embeds its DistributedSampler shard (padded: 2 x 53 rows for 105 images);
-    both report exactly the single-process result."""
-    run_script([str(REPO_ROOT / "tests" / "scripts" / "ddp_verification_metric.py"), str(tmp_path)], timeout=300)
+def test_two_gloo_processes_gather_before_scoring(tmp_path, ijb_fixture):
+    """Each of 2 ranks embeds its DistributedSampler shard of pairs, IJB templates and IJB 1:N images
+    (padded: 2 x 53 rows for the pair set's 105 images); both report exactly the single-process result."""
+    run_script([str(REPO_ROOT / "tests" / "scripts" / "ddp_evaluation_metric.py"), str(tmp_path), str(ijb_fixture)], timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    embedded = [r["embedded"] for r in ranks]
+    embedded = [r["pairs"]["embedded"] for r in ranks]
     assert [len(e) for e in embedded] == [53, 53]
     assert sorted(set(embedded[0]) | set(embedded[1])) == list(range(105))
     assert len(set(embedded[0]) & set(embedded[1])) == 1  # the padding repeats one image on the other rank
 
-    dataset, backbone = set_and_backbone()
-    single = evaluate_set(backbone, dataset, flip="sum")
-    for rank in ranks:
-        assert rank["fold_accuracies"] == single.fold_accuracies
-        assert rank["accuracy"] == single.accuracy and rank["fold_policy"] == single.fold_policy
-        assert abs(rank["auc"] - single.auc) < 1e-6
-
+    for name, (protocol, backbone) in protocols_and_backbones(str(ijb_fixture)).items():
+        single = evaluate_set(backbone, protocol, flip="sum")
+        expected = {**single.result.summary(), "embedding_norm": single.norms.mean}
+        images = len(protocol.image_set())
+        for rank in ranks:
+            assert sorted(set(ranks[0][name]["embedded"]) | set(ranks[1][name]["embedded"])) == list(range(images))
+            assert rank[name]["summary"].keys() == expected.keys(), name
+            for key, value in expected.items():  # float32 embeddings, summed in another order: scores to ~1e-7
+                assert rank[name]["summary"][key] == pytest.approx(value, abs=1e-6), (name, key)

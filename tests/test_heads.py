@@ -24,6 +24,7 @@ from facerec.heads import (
     ElasticFace,
     FixedScale,
     MagFace,
+    MarginHead,
     NormFace,
     SphereFace,
     SubCenterArcFace,
@@ -43,10 +44,10 @@ def test_auto_scale_values(num_classes, expected):
 
 
 def test_auto_scale_takes_num_classes_from_its_head():
-    head = CosFace(8, 10_575, scale=AutoScale())
+    head = MarginHead(8, 10_575, CosFace(), AutoScale())
     assert head.scale.value == pytest.approx(13.104, abs=5e-4)
     with pytest.raises(ValueError, match="num_classes=100 but its head has num_classes=10575"):
-        CosFace(8, 10_575, scale=AutoScale(num_classes=100))
+        MarginHead(8, 10_575, CosFace(), AutoScale(num_classes=100))
 
 
 # Reference target logits as functions of theta (the test data keep theta < pi - m and m1 theta < pi).
@@ -69,7 +70,7 @@ every_head_and_policy = pytest.mark.parametrize("name,policy", [(h, p) for h in 
 
 def make_head(name: str, embedding_size: int, num_classes: int, scale, **overrides) -> nn.Module:
     head_cls, kwargs = MARGINS[name][:2] if name in MARGINS else OTHER_HEADS[name]
-    return head_cls(embedding_size, num_classes, scale=scale, **{**kwargs, **overrides})
+    return MarginHead(embedding_size, num_classes, head_cls(**{**kwargs, **overrides}), scale)
 
 
 def build_head(margin: str, policy: str, seed: int):
@@ -91,7 +92,7 @@ def test_margin_touches_only_the_target(margin, policy):
     s = head.scale.value  # the current s: the forward pass advances nothing (dynamic: the start)
     plain = head(x)  # no labels: scaled cosines, no margin
     assert logits.shape == plain.shape == (6, 10)
-    cos = F.normalize(x) @ F.normalize(head.weight).T
+    cos = F.normalize(x) @ F.normalize(head.centres.weight).T
     torch.testing.assert_close(plain, s * cos)
     changed = ~torch.isclose(logits, plain)
     has_margin = margin not in ("normface", "adacos")
@@ -135,7 +136,7 @@ def loss_of_embeddings_and_centres(head: nn.Module, labels: torch.Tensor):
 
     def loss(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         state = {name: value.clone() for name, value in start.items()}
-        return torch.func.functional_call(module, {"head.weight": weight, **state}, (x, labels))
+        return torch.func.functional_call(module, {"head.centres.weight": weight, **state}, (x, labels))
 
     return loss
 
@@ -172,13 +173,13 @@ def test_fused_loss_passes_gradcheck(name):
     overrides = {"momentum": 1e-12} if name == "curricularface" else {}
     head = make_head(name, 5, 7, FixedScale(3.0), **overrides).double()
     if name == "adaface":  # standardised norms inside (-1, 1): the margin differs per sample
-        head.batch_mean.fill_(50.0)
-        head.batch_std.fill_(20.0)
+        head.margin.batch_mean.fill_(50.0)
+        head.margin.batch_std.fill_(20.0)
     if name == "curricularface":
-        head.t.fill_(0.3)
+        head.margin.t.fill_(0.3)
     norms = torch.linspace(15, 90, 6, dtype=torch.float64).unsqueeze(1)
     x = (F.normalize(torch.randn(6, 5, dtype=torch.float64)) * norms).requires_grad_()
-    weight = torch.randn(len(head.weight), 5, dtype=torch.float64, requires_grad=True)  # rows of any norm
+    weight = torch.randn(len(head.centres.weight), 5, dtype=torch.float64, requires_grad=True)  # rows of any norm
     labels = torch.tensor([0, 3, 6, 3, 5, 1])
     loss = loss_of_embeddings_and_centres(head, labels)
     if name == "adaface":
@@ -190,7 +191,7 @@ def test_fused_loss_passes_gradcheck(name):
     if name == "curricularface":  # the hard-negative branch is exercised
         cos = F.normalize(x) @ F.normalize(weight).T
         target = cos.gather(1, labels.view(-1, 1))
-        assert (cos > torch.cos(torch.acos(target) + head.m)).any()
+        assert (cos > torch.cos(torch.acos(target) + head.margin.m)).any()
 
 
 def test_adaface_detaches_its_margin_input_and_magface_does_not():
@@ -198,7 +199,7 @@ def test_adaface_detaches_its_margin_input_and_magface_does_not():
     # MagFace: the margin and the regulariser move the magnitude.
     for head_cls, radial in [(AdaFace, False), (MagFace, True)]:
         torch.manual_seed(0)
-        head = head_cls(8, 10, scale=FixedScale(30.0)).double()
+        head = MarginHead(8, 10, head_cls(), FixedScale(30.0)).double()
         x = (F.normalize(torch.randn(6, 8, dtype=torch.float64)) * 40).requires_grad_()
         head.loss(x, torch.randint(0, 10, (6,)))[0].backward()
         radial_part = (x.grad * F.normalize(x.detach())).sum(dim=1).abs()
@@ -210,29 +211,29 @@ def test_adaface_detaches_its_margin_input_and_magface_does_not():
 def test_float32_head_matches_a_float64_dense_one_hot_reference(margin, path):
     head_cls, kwargs, _ = MARGINS[margin]
     torch.manual_seed(1)
-    head = head_cls(12, 30, scale=FixedScale(30.0), **kwargs)
+    head = MarginHead(12, 30, head_cls(**kwargs), FixedScale(30.0))
     x = torch.randn(5, 12, requires_grad=True)
     labels = torch.tensor([1, 2, 3, 29, 0])
     # the fused training path, and the autograd margin logits
     loss = head.loss(x, labels)[0] if path == "loss" else F.cross_entropy(head(x, labels), labels)
     assert loss.dtype == torch.float32
     loss.backward()
-    w = head.weight.detach().double().requires_grad_()
+    w = head.centres.weight.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
     cos = F.normalize(x64) @ F.normalize(w).T
     one_hot = F.one_hot(labels, 30).double()  # the dense formulation the head avoids
     target = (cos * one_hot).sum(1, keepdim=True)
-    reference = F.cross_entropy(30.0 * (cos + one_hot * (head.target_logit(target) - target)), labels)
+    reference = F.cross_entropy(30.0 * (cos + one_hot * (head.margin.target_logit(target) - target)), labels)
     reference.backward()
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6 * x64.grad.abs().max().item())
-    torch.testing.assert_close(head.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6 * w.grad.abs().max().item())
+    torch.testing.assert_close(head.centres.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6 * w.grad.abs().max().item())
 
 
 def test_statistics_on_a_known_batch():
-    head = CosFace(2, 4, scale=FixedScale(10.0), m=0.0)
+    head = MarginHead(2, 4, CosFace(m=0.0), FixedScale(10.0))
     with torch.no_grad():
-        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+        head.centres.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
     angle = math.radians(30)
     # sample 0: norm 2, 30 deg from class 0 (60, 150, 120 from the others); sample 1: norm 4,
     # 30 deg from class 1 (120, 60, 150 from the others)
@@ -257,7 +258,7 @@ def loss_and_step_logits(head: nn.Module, x: torch.Tensor, labels: torch.Tensor)
     draws already taken."""
     before = head(x, labels)
     loss, stats = head.loss(x, labels, statistics=True)
-    return loss, stats, before if isinstance(head, ElasticFace) else head(x, labels)
+    return loss, stats, before if isinstance(head.margin, ElasticFace) else head(x, labels)
 
 
 @every_head_and_policy
@@ -266,8 +267,8 @@ def test_statistics_and_loss_are_those_of_the_step_logits(name, policy):
     x, labels = torch.randn(7, 16) * 5, torch.randint(0, 10, (7,))  # norms ~20: inside MagFace's range
     loss, stats, logits = loss_and_step_logits(head, x, labels)
     # computed plainly, in float64, from the cosines (the closest centre of each class)
-    cos = F.normalize(x.double()) @ F.normalize(head.weight.detach().double()).T
-    cos = cos.view(7, 10, head.centres_per_class).amax(dim=2)
+    cos = F.normalize(x.double()) @ F.normalize(head.centres.weight.detach().double()).T
+    cos = cos.view(7, 10, head.centres.centres_per_class).amax(dim=2)
     angles = torch.rad2deg(torch.acos(cos))
     target = F.one_hot(labels, 10).bool()
     norms = x.double().norm(dim=1)
@@ -282,8 +283,9 @@ def test_statistics_and_loss_are_those_of_the_step_logits(name, policy):
     }
     regulariser = 0.0
     if name == "magface":
-        magnitude = norms.clamp(head.l_a, head.u_a)
-        regulariser = head.lambda_g * (magnitude / head.u_a**2 + 1 / magnitude).mean()
+        margin = head.margin
+        magnitude = norms.clamp(margin.l_a, margin.u_a)
+        regulariser = margin.lambda_g * (magnitude / margin.u_a**2 + 1 / magnitude).mean()
         expected["regulariser"] = regulariser
     assert stats.keys() == expected.keys()
     for key, value in expected.items():

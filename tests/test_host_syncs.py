@@ -17,7 +17,7 @@ from conftest import TINY_RUN, run_script
 from fault_injection import signal_at
 from sync_counter import sync_counter
 
-SKIP_DECISION = "module.py"  # FaceRecognitionModule.on_before_optimizer_step: finite? stepped? (one read)
+SKIP_DECISION = "step_guard.py"  # NonFiniteStepGuard.check, before each optimizer step: finite? stepped? (one read)
 PREEMPTION_CHECK = "callbacks.py"
 NO_VALIDATION = ["+trainer.limit_val_batches=0"]
 
@@ -68,7 +68,7 @@ def test_a_signal_to_one_ddp_rank_stops_both_after_the_same_batch(tmp_path):
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
-    assert checkpoint["state_dict"]["head.weight"].shape == (20, 128)  # both shards, gathered
+    assert checkpoint["state_dict"]["head.centres.weight"].shape == (20, 128)  # both shards, gathered
     assert "received SIGTERM" in (run_dir / "train_ddp_process_1.log").read_text()
     assert "received SIGTERM" not in (run_dir / "train.log").read_text()
     assert "preemption checkpoint written" in (run_dir / "train.log").read_text()

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from facerec.backbones import build
-from facerec.data import FolderIdentification, IjbIdentification, make_ijb_fixture
-from facerec.evaluation import extract_embeddings, identification, identify
+from facerec.evaluation import FolderIdentification, IjbIdentification, extract_embeddings, identification, identify
 from facerec.paths import REPO_ROOT
+from facerec.tools.make_fixture import make_ijb_fixture
 
 
 def brute_force(gallery, gallery_ids, probes, probe_ids, ranks, fpirs):
@@ -152,28 +152,29 @@ def test_missing_faiss_names_the_extra(monkeypatch):
 def test_folder_protocol_on_lfw_with_a_tiny_backbone(shared_data):
     root = shared_data / "lfw" / "aligned_112"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())[:80]
-    protocol = FolderIdentification(root, names, non_mated_identities=3, num_distractors=10, image_size=32, name="lfw_1n")
+    protocol = FolderIdentification(root, names, non_mated_identities=3, num_distractors=10, image_size=32)
+    split = protocol.split
     torch.manual_seed(0)
     features = extract_embeddings(build("tiny", width=4, input_size=32), protocol.image_set(), batch_size=64).numpy()
     result = protocol.score(features)
 
     # Rebuild the protocol from its file lists alone: the gallery holds one image of each enrolled
     # person and of each distractor; every other image of an enrolled or non-mated person is a probe.
-    person = np.array([path.parent.name for path in protocol.paths])
-    gallery_people, probe_people = person[protocol.gallery], person[protocol.probes]
-    assert len(gallery_people) == len(set(gallery_people)) and not set(protocol.gallery) & set(protocol.probes)
+    person = np.array([path.parent.name for path in split.paths])
+    gallery_people, probe_people = person[split.gallery], person[split.probes]
+    assert len(gallery_people) == len(set(gallery_people)) and not set(split.gallery) & set(split.probes)
     distractors = set(gallery_people) - set(probe_people)
     non_mated = set(probe_people) - set(gallery_people)
     assert len(distractors) == 10 and len(non_mated) == 3
     assert all(len(list((root / name).iterdir())) == 1 for name in distractors)
-    expected = identify(features[protocol.gallery], gallery_people, features[protocol.probes], probe_people)
+    expected = identify(features[split.gallery], gallery_people, features[split.probes], probe_people)
     assert result.cmc == expected.cmc and result.tpir_at_fpir == expected.tpir_at_fpir
     assert (result.num_mated, result.num_non_mated) == (expected.num_mated, expected.num_non_mated)
     assert result.num_non_mated == sum(np.isin(probe_people, list(non_mated)))
-    assert result.kind == "identification" and result.gallery == f"{protocol.num_enrolled} ids + 10 distractors"
-    assert result.to_dict()["cmc"].keys() == {"1", "5", "10", "20"} and protocol.description in result.notes
+    assert result.kind == "identification" and result.gallery == f"{split.num_enrolled} ids + 10 distractors"
+    assert result.to_dict()["cmc"].keys() == {"1", "5", "10", "20"} and split.description in result.notes
 
-    with pytest.raises(ValueError, match=r"lfw_1n: expected \(\d+, d\) features, one per image of image_set\(\), got \(3, 8"):
+    with pytest.raises(ValueError, match=r"expected \(\d+, d\) features, one per image of image_set\(\), got shape \(3, 8"):
         protocol.score(np.ones((3, 8)))
     with pytest.raises(ValueError, match=r"num_distractors=999, but the identities of .* < 2 images holds \d+ identities"):
         FolderIdentification(root, names, num_distractors=999)
@@ -183,10 +184,11 @@ def test_folder_protocol_takes_distractors_from_another_folder(shared_data):
     root = shared_data / "lfw" / "aligned_112"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())[:40]
     protocol = FolderIdentification(root, names, num_distractors=4, distractor_root=shared_data / "orl", image_size=32)
-    distractor_files = [protocol.paths[i] for i in protocol.gallery[protocol.gallery_ids < 0]]
+    split = protocol.split
+    distractor_files = [split.paths[i] for i in split.gallery[split.gallery_ids < 0]]
     assert len(distractor_files) == 4 and all(path.suffix == ".pgm" for path in distractor_files)
-    image, index = protocol.image_set()[int(protocol.gallery[-1])]
-    assert image.shape == (3, 32, 32) and index == protocol.gallery[-1]
+    image, index = protocol.image_set()[int(split.gallery[-1])]
+    assert image.shape == (3, 32, 32) and index == split.gallery[-1]
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +208,10 @@ def loop_templates(features, meta, faceness):
 
 
 def test_ijb_1n_protocol_on_the_fixture(ijb_root):
-    config = OmegaConf.load(REPO_ROOT / "conf" / "verification" / "ijbc_fixture_1n.yaml")
+    config = OmegaConf.load(REPO_ROOT / "conf" / "evalset" / "ijbc_fixture_1n.yaml")
     config.root = str(ijb_root)
     protocol = instantiate(config)
-    assert isinstance(protocol, IjbIdentification) and protocol.name == "ijbc_fixture_1n"
+    assert isinstance(protocol, IjbIdentification)
     torch.manual_seed(0)
     backbone = build("tiny", width=4, input_size=112)
     features = extract_embeddings(backbone, protocol.image_set(), batch_size=64).numpy()
@@ -273,11 +275,12 @@ def test_ijb_1n_csv_errors_name_file_and_line(ijb_root, tmp_path):
 
 
 def test_lfw_megaface_config_runs_on_the_shared_data(shared_data):
-    config = OmegaConf.load(REPO_ROOT / "conf" / "verification" / "lfw_megaface.yaml")
+    config = OmegaConf.load(REPO_ROOT / "conf" / "evalset" / "lfw_megaface.yaml")
     config.root = str(shared_data / "lfw" / "aligned_112")
     protocol = instantiate(config)
     counts = [len(list(p.iterdir())) for p in (shared_data / "lfw" / "aligned_112").iterdir() if p.is_dir()]
     searchable, singles = sum(c >= 2 for c in counts), sum(c == 1 for c in counts)
-    assert protocol.num_enrolled == searchable - 200 and protocol.num_distractors == singles
-    assert len(protocol.gallery) == searchable - 200 + singles
-    assert len(protocol.paths) == sum(counts)  # every image is enrolled, a probe or a distractor
+    split = protocol.split
+    assert split.num_enrolled == searchable - 200 and split.num_distractors == singles
+    assert len(split.gallery) == searchable - 200 + singles
+    assert len(split.paths) == sum(counts)  # every image is enrolled, a probe or a distractor

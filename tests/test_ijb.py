@@ -15,11 +15,13 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import facerec.evaluation.templates as templates_module
 from facerec.backbones import build
-from facerec.data.ijb import IJBVerification, read_ijb_meta
-from facerec.data.ijb_fixture import make_ijb_fixture
+from facerec.data.ijb import read_ijb_meta
+from facerec.evaluation import IjbIdentification, IjbVerification
 from facerec.evaluation import extract_embeddings, pool_templates, verify_templates
 from facerec.evaluation.templates import TEMPLATE_FARS, template_scores
 from facerec.paths import REPO_ROOT
+from facerec.tools.make_fixture import main as make_fixture_main
+from facerec.tools.make_fixture import make_ijb_fixture
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,7 @@ def test_reader_errors_name_the_file_and_line(copy_root):
 
 def test_protocol_end_to_end_with_a_tiny_backbone(fixture_root):
     torch.manual_seed(0)
-    protocol = IJBVerification(fixture_root, "IJBC", name="ijbc_fixture")
+    protocol = IjbVerification(fixture_root, "IJBC")
     images = protocol.image_set()
     image, index = images[5]
     assert image.shape == (3, 112, 112) and image.dtype == torch.float32 and index == 5
@@ -214,16 +216,32 @@ def test_protocol_end_to_end_with_a_tiny_backbone(fixture_root):
     json.dumps(result.to_dict())
     kind, fpr, tpr = result.curve()
     assert kind == "roc" and fpr[0] == 0 and fpr[-1] == 1 and len(fpr) == len(tpr)
-    with pytest.raises(ValueError, match=r"features must be \(153, d\)"):
+    with pytest.raises(ValueError, match=r"expected \(153, d\) features"):
         protocol.score(features[:-1])
 
 
-def test_fixture_config_builds_the_fixture_on_demand(tmp_path):
-    config = OmegaConf.load(REPO_ROOT / "conf" / "verification" / "ijbc_fixture.yaml")
+def test_the_fixture_is_built_by_its_command_and_read_by_its_configs(tmp_path, capsys):
+    config = OmegaConf.load(REPO_ROOT / "conf" / "evalset" / "ijbc_fixture.yaml")
     config = OmegaConf.merge({"paths": {"log_dir": str(tmp_path)}}, {"protocol": config})
+    with pytest.raises(Exception, match=rf"no IJB set at {tmp_path}/fixtures/IJBC: .*facerec-make-fixture --out {tmp_path}/fixtures"):
+        instantiate(config.protocol)  # a protocol never builds its data: the error says how
+    assert not (tmp_path / "fixtures").exists()
+    make_fixture_main(["--out", str(tmp_path / "fixtures")])
+    assert f"the IJBC fixture is in {tmp_path / 'fixtures' / 'IJBC'}" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "fixtures").iterdir()] == ["IJBC"]  # written under a temporary name, renamed
     protocol = instantiate(config.protocol)
-    assert (tmp_path / "fixtures" / "IJBC" / "meta" / "ijbc_face_tid_mid.txt").is_file()
-    assert protocol.name == "ijbc_fixture" and len(protocol.image_set()) == 153
+    assert isinstance(protocol, IjbVerification) and len(protocol.image_set()) == 153
+    written = (tmp_path / "fixtures" / "IJBC" / "meta" / "ijbc_face_tid_mid.txt").stat().st_mtime_ns
+    make_ijb_fixture(tmp_path / "fixtures", "IJBC")  # an existing fixture is kept as it is
+    assert (tmp_path / "fixtures" / "IJBC" / "meta" / "ijbc_face_tid_mid.txt").stat().st_mtime_ns == written
     for name in ("ijbc", "ijbb"):
-        real = yaml.safe_load((REPO_ROOT / "conf" / "verification" / f"{name}.yaml").read_text())
+        real = yaml.safe_load((REPO_ROOT / "conf" / "evalset" / f"{name}.yaml").read_text())
         assert real["root"] == f"${{paths.data_dir}}/IJB_release/{name.upper()}" and real["dataset"] == name.upper()
+
+
+def test_an_ijbb_fixture_has_the_ijbb_galleries(tmp_path, shared_data):
+    root = make_ijb_fixture(tmp_path, "IJBB", num_templates=12)
+    assert sorted(p.name for p in (root / "meta").glob("*_1N_*.csv")) == [
+        "ijbb_1N_gallery_S1.csv", "ijbb_1N_gallery_S2.csv", "ijbb_1N_probe_mixed.csv"
+    ]
+    assert set(IjbIdentification(root, "IJBB").sets) == {"probe_mixed", "gallery_S1", "gallery_S2"}

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import TINY_RUN, compose_config, run_script
 from facerec.backbones import build
-from facerec.training.checkpoints import backbone_state, build_backbone, load_backbone_weights
+from facerec.backbones.weights import backbone_state, build_backbone, load_backbone_weights
 from facerec.training.fit import build_module
 
 FIXTURE = Path(__file__).parent / "fixtures" / "insightface_backbone_keys.json"
@@ -86,9 +86,9 @@ def test_train_py_from_an_insightface_file_with_frozen_early_layers(tmp_path):
             "dataset.num_classes=4",
             "dataset.train.images_per_class=1",
             "dataset.batch_size=2",
-            "dataset.val_sets.synthetic_heldout.num_identities=5",
-            "dataset.val_sets.synthetic_heldout.images_per_identity=4",
-            "dataset.val_sets.synthetic_heldout.num_pairs=20",
+            "evalset.synthetic_heldout.pairs.num_identities=5",
+            "evalset.synthetic_heldout.pairs.images_per_identity=4",
+            "evalset.synthetic_heldout.pairs.num_pairs=20",
             "optim.scheduler=null",
             "trainer.max_steps=2",
             "logger=csv",

@@ -22,6 +22,7 @@ from facerec.heads import (
     CombinedMargin,
     CosFace,
     FixedScale,
+    MarginHead,
     NormFace,
     SphereFace,
 )
@@ -63,8 +64,8 @@ def compare_with_pml(head, pml_loss, x, labels):
     magnify float32 rounding 25-fold.
     """
     with torch.no_grad():
-        head.weight.copy_(F.normalize(head.weight))
-        pml_loss.W.copy_(head.weight.T)
+        head.centres.weight.copy_(F.normalize(head.centres.weight))
+        pml_loss.W.copy_(head.centres.weight.T)
     x_ours, x_pml = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = F.cross_entropy(head(x_ours, labels), labels, reduction="none")
     theirs = pml_loss(x_pml, labels)["loss"]["losses"]
@@ -73,21 +74,21 @@ def compare_with_pml(head, pml_loss, x, labels):
     theirs.sum().backward()
     # gradients sum s-scaled terms over the batch: 1e-5 absolute, 1e-4 relative
     torch.testing.assert_close(x_ours.grad, x_pml.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(head.weight.grad, pml_loss.W.grad.T, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.centres.weight.grad, pml_loss.W.grad.T, atol=1e-5, rtol=1e-4)
     # the training path: the mean loss, and its hand-written backward (times N: the sum's gradient)
     x_fused = x.clone().requires_grad_()
-    head.weight.grad = None
+    head.centres.weight.grad = None
     fused = head.loss(x_fused, labels)[0]
     torch.testing.assert_close(fused, theirs.mean(), atol=1e-5, rtol=1e-5)
     (fused * len(x)).backward()
     torch.testing.assert_close(x_fused.grad, x_pml.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(head.weight.grad, pml_loss.W.grad.T, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(head.centres.weight.grad, pml_loss.W.grad.T, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("s", [30.0, 64.0])
 def test_cosface_equals_pytorch_metric_learning(s):
     x, labels = problem()
-    head = CosFace(16, 40, scale=FixedScale(s), m=0.35)
+    head = MarginHead(16, 40, CosFace(m=0.35), FixedScale(s))
     pml = CosFaceLoss(num_classes=40, embedding_size=16, margin=0.35, scale=s, reducer=DoNothingReducer())
     compare_with_pml(head, pml, x, labels)
     # without labels: the scaled cosines, no margin
@@ -97,9 +98,9 @@ def test_cosface_equals_pytorch_metric_learning(s):
 @pytest.mark.parametrize("s", [30.0, 64.0])
 def test_arcface_equals_pytorch_metric_learning(s):
     x, labels = problem(seed=1)
-    head = ArcFace(16, 40, scale=FixedScale(s), m=0.5)
+    head = MarginHead(16, 40, ArcFace(m=0.5), FixedScale(s))
     # Move four samples beyond pi - m from their class centre, where the fallback applies.
-    x[:4] = at_angle(head.weight[labels[:4]].detach(), x[:4], math.radians(165))
+    x[:4] = at_angle(head.centres.weight[labels[:4]].detach(), x[:4], math.radians(165))
     assert (torch.acos(head.target_cosine(x, labels)[:4]) > math.pi - 0.5).all()
     pml = ArcFaceLoss(num_classes=40, embedding_size=16, margin=math.degrees(0.5), scale=s, reducer=DoNothingReducer())
     compare_with_pml(head, pml, x, labels)
@@ -109,14 +110,14 @@ def test_integer_sphereface_equals_pytorch_metric_learning_large_margin_softmax(
     # L-Softmax multiplies the logits by |x| |w|: with unit vectors it is SphereFace's cos(m theta) extension.
     x, labels = problem(seed=2)
     x = F.normalize(x)
-    head = SphereFace(16, 40, scale=FixedScale(30.0), m1=4)
+    head = MarginHead(16, 40, SphereFace(m1=4), FixedScale(30.0))
     with torch.no_grad():
-        head.weight.copy_(F.normalize(head.weight))
+        head.centres.weight.copy_(F.normalize(head.centres.weight))
     pml = LargeMarginSoftmaxLoss(num_classes=40, embedding_size=16, margin=4, scale=30.0, reducer=DoNothingReducer())
     target_angles = torch.rad2deg(torch.acos(head.target_cosine(x, labels)))
     assert (target_angles > 90).any() and (target_angles < 90).any()  # several pieces of the extension
     with torch.no_grad():
-        pml.W.copy_(head.weight.T)
+        pml.W.copy_(head.centres.weight.T)
     # L-Softmax's gradient also flows through |x| |w|, so compare the logits' losses only.
     ours = F.cross_entropy(head(x, labels), labels, reduction="none")
     theirs = pml(x, labels)["loss"]["losses"]
@@ -128,18 +129,17 @@ def test_integer_sphereface_equals_pytorch_metric_learning_large_margin_softmax(
 def test_target_logit_is_monotonic_in_theta(case):
     # easy_margin is not: it jumps up from -sin(m) to 0 at theta = 90 deg, by its definition.
     head_cls, params = case
-    head = head_cls(4, 3, scale=FixedScale(1.0), **params)
+    margin = head_cls(**params)
     theta = torch.linspace(0, math.pi, 20001, dtype=torch.float64)
-    f = head.target_logit(torch.cos(theta))
+    f = margin.target_logit(torch.cos(theta))
     assert (f[1:] <= f[:-1] + 1e-9).all()
 
 
 def test_combined_margin_contains_cosface_sphereface_and_arcface():
     cos = torch.cos(torch.linspace(0, math.pi, 1001, dtype=torch.float64))
-    scale = FixedScale(1.0)
 
-    def f(head_cls, **params):
-        return head_cls(4, 3, scale=scale, **params).target_logit(cos)
+    def f(margin_cls, **params):
+        return margin_cls(**params).target_logit(cos)
 
     torch.testing.assert_close(f(CombinedMargin, m1=1, m2=0, m3=0.35), f(CosFace, m=0.35), atol=1e-6, rtol=0)
     torch.testing.assert_close(f(CombinedMargin, m1=2.5, m2=0, m3=0), f(SphereFace, m1=2.5))
@@ -151,20 +151,20 @@ def test_combined_margin_contains_cosface_sphereface_and_arcface():
 @pytest.mark.parametrize("case", ALL_MARGINS, ids=margin_id)
 def test_gradients_are_finite_at_theta_zero_and_pi(case, path):
     head_cls, params = case
-    head = head_cls(8, 4, scale=AutoScale(), **params)
-    x = torch.cat([head.weight[:2], -head.weight[2:]]).detach().requires_grad_()  # theta = 0, 0, pi, pi
+    head = MarginHead(8, 4, head_cls(**params), AutoScale())
+    x = torch.cat([head.centres.weight[:2], -head.centres.weight[2:]]).detach().requires_grad_()  # theta = 0, 0, pi, pi
     labels = torch.arange(4)
     loss = head.loss(x, labels)[0] if path == "loss" else F.cross_entropy(head(x, labels), labels)
     assert torch.isfinite(loss)
     loss.backward()
-    assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(head.centres.weight.grad).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ALL_MARGINS, ids=margin_id)
 def test_autocast_gives_float32_logits(case, dtype):
     head_cls, params = case
-    head = head_cls(16, 50, scale=FixedScale(30.0), **params)
+    head = MarginHead(16, 50, head_cls(**params), FixedScale(30.0))
     x, labels = problem(num_classes=50, batch=8)
     x.requires_grad_()
     reference = head(x, labels)
@@ -175,10 +175,10 @@ def test_autocast_gives_float32_logits(case, dtype):
         F.cross_entropy(logits, labels).backward()
         loss = head.loss(x.to(dtype), labels)[0]
         assert loss.dtype == torch.float32
-    assert head.weight.grad.dtype == torch.float32 and torch.isfinite(head.weight.grad).all()
-    head.weight.grad = None
+    assert head.centres.weight.grad.dtype == torch.float32 and torch.isfinite(head.centres.weight.grad).all()
+    head.centres.weight.grad = None
     loss.backward()
-    assert head.weight.grad.dtype == torch.float32 and torch.isfinite(head.weight.grad).all()
+    assert head.centres.weight.grad.dtype == torch.float32 and torch.isfinite(head.centres.weight.grad).all()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
     # float32 maths on half-precision inputs: only the input rounding differs
     torch.testing.assert_close(logits, reference, atol=1.5, rtol=0)
@@ -188,7 +188,7 @@ def test_autocast_gives_float32_logits(case, dtype):
 @pytest.mark.parametrize("head_cls", [NormFace, AdaCos])
 def test_heads_without_margin_refuse_margin_parameters(head_cls):
     with pytest.raises(TypeError, match=rf"{head_cls.__name__} has no margin parameters, got m\b"):
-        head_cls(8, 10, scale=FixedScale(30.0), m=0.35)
+        head_cls(m=0.35)
 
 
 @pytest.mark.parametrize(
@@ -202,4 +202,4 @@ def test_heads_without_margin_refuse_margin_parameters(head_cls):
 )
 def test_out_of_range_margins_are_refused(head_cls, params, message):
     with pytest.raises(ValueError, match=message):
-        head_cls(8, 10, scale=FixedScale(30.0), **params)
+        head_cls(**params)

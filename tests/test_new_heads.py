@@ -27,7 +27,10 @@ from facerec.heads import (
     ElasticFace,
     FixedScale,
     MagFace,
+    MarginHead,
+    PartialFC,
     SubCenterArcFace,
+    dominant_centres_and_outliers,
 )
 from facerec.training.fit import build_module
 
@@ -61,17 +64,17 @@ def problem(angles: list[float], norms: list[float], seed: int, centres_per_clas
 def float64_head(head, weight: torch.Tensor):
     head.double()
     with torch.no_grad():
-        head.weight.copy_(weight)
+        head.centres.weight.copy_(weight)
     return head
 
 
 def head_step(head, x: torch.Tensor, labels: torch.Tensor):
     """(loss, dL/dx, dL/dW) of one training step through head.loss."""
     x = x.clone().requires_grad_()
-    head.weight.grad = None
+    head.centres.weight.grad = None
     loss, _ = head.loss(x, labels)
     loss.backward()
-    return loss.detach(), x.grad, head.weight.grad
+    return loss.detach(), x.grad, head.centres.weight.grad
 
 
 def reference_step(loss_fn, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
@@ -135,7 +138,7 @@ ADAFACE_NORMS = [
 @pytest.mark.parametrize("m,h,t_alpha", [(0.4, 0.333, 0.01), (0.4, 2.0, 0.5)], ids=["published", "clipped-scaler"])
 def test_adaface_matches_the_official_head_over_two_steps(m, h, t_alpha):
     weight, _, labels = problem(ADAFACE_ANGLES, ADAFACE_NORMS[0], seed=0)
-    head = float64_head(AdaFace(DIM, CLASSES, FixedScale(S), m=m, h=h, t_alpha=t_alpha), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, AdaFace(m=m, h=h, t_alpha=t_alpha), FixedScale(S)), weight)
     state = {"batch_mean": torch.tensor(20.0, dtype=torch.float64), "batch_std": torch.tensor(100.0, dtype=torch.float64)}
     for step, norms in enumerate(ADAFACE_NORMS):
         x = embeddings_at_angles(weight[labels], ADAFACE_ANGLES, norms, torch.Generator().manual_seed(100 + step))
@@ -149,14 +152,14 @@ def test_adaface_matches_the_official_head_over_two_steps(m, h, t_alpha):
         expected = reference_step(reference_loss, x, weight, labels)
         assert_steps_equal(head_step(head, x, labels), expected)
         assert state["batch_mean"] != mean_before
-        torch.testing.assert_close(head.batch_mean, state["batch_mean"], **EXACT)
-        torch.testing.assert_close(head.batch_std, state["batch_std"], **EXACT)
+        torch.testing.assert_close(head.margin.batch_mean, state["batch_mean"], **EXACT)
+        torch.testing.assert_close(head.margin.batch_std, state["batch_std"], **EXACT)
         # head(x, y): the logits at the state the step left (its EMA includes this batch), advancing nothing
         with torch.no_grad():
             logits = head(x, labels)
             torch.testing.assert_close(logits, adaface_reference(x, weight, labels, state, m, h, t_alpha, update=False), **EXACT)
         torch.testing.assert_close(F.cross_entropy(logits, labels), expected[0], **EXACT)
-        torch.testing.assert_close(head.batch_mean, state["batch_mean"], **EXACT)
+        torch.testing.assert_close(head.margin.batch_mean, state["batch_mean"], **EXACT)
     if h > 1:  # the data reach the clip of the margin scaler at both ends
         safe = torch.tensor(ADAFACE_NORMS[1], dtype=torch.float64).clamp(0.001, 100)
         scaler = (safe - state["batch_mean"]) / (state["batch_std"] + ADAFACE_EPS) * h
@@ -191,13 +194,13 @@ MAGFACE_NORMS = [5.0, 12.0, 20.0, 35.0, 47.0, 60.0, 75.0, 88.0, 101.0, 140.0, 30
 
 def test_magface_matches_the_official_maglinear_and_magloss():
     weight, x, labels = problem(MAGFACE_ANGLES, MAGFACE_NORMS, seed=1)
-    head = float64_head(MagFace(DIM, CLASSES, FixedScale(S)), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, MagFace(), FixedScale(S)), weight)
     expected = reference_step(lambda x, w, y: magface_reference(x, w, y)[0], x, weight, labels)
     assert_steps_equal(head_step(head, x, labels), expected)
     with torch.no_grad():
         logits = head(x, labels)
         torch.testing.assert_close(logits, magface_reference(x, weight, labels)[1], **EXACT)
-        regulariser = head.regulariser(torch.linalg.vector_norm(x, dim=1))
+        regulariser = head.margin.regulariser(torch.linalg.vector_norm(x, dim=1))
     torch.testing.assert_close(F.cross_entropy(logits, labels) + regulariser, expected[0], **EXACT)
 
 
@@ -206,7 +209,7 @@ def test_magface_gradient_flows_through_the_magnitude():
     give) comes from the margin m(a) and the regulariser; the reference without the regulariser
     still has a radial part, and ours is the same."""
     weight, x, labels = problem(MAGFACE_ANGLES, MAGFACE_NORMS, seed=1)
-    head = float64_head(MagFace(DIM, CLASSES, FixedScale(S), lambda_g=0.0), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, MagFace(lambda_g=0.0), FixedScale(S)), weight)
     _, grad_x, _ = head_step(head, x, labels)
     _, reference_x, _ = reference_step(lambda x, w, y: magface_reference(x, w, y, lambda_g=0.0)[0], x, weight, labels)
     torch.testing.assert_close(grad_x, reference_x, **EXACT)
@@ -249,26 +252,26 @@ ELASTIC_VARIANTS = [("arc", 0.5, 0.05, False), ("arc", 0.5, 0.0175, True), ("cos
 def test_elasticface_matches_the_official_losses_with_the_same_draws(kind, m, std, plus):
     seed = 7
     weight, _, labels = problem(ELASTIC_ANGLES, [1.0] * len(ELASTIC_ANGLES), seed=2)
-    head = float64_head(ElasticFace(DIM, CLASSES, FixedScale(S), m=m, std=std, kind=kind, plus=plus, seed=seed), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, ElasticFace(m=m, std=std, kind=kind, plus=plus, seed=seed), FixedScale(S)), weight)
     for step in range(2):
         x = embeddings_at_angles(weight[labels], ELASTIC_ANGLES, [3.0] * len(labels), torch.Generator().manual_seed(100 + step))
         margins = elastic_draws(seed, step, len(labels), m, std)
-        assert int(head.step) == step
+        assert int(head.margin.step) == step
         with torch.no_grad():  # head(x, y) shows this step's draw and takes none
             torch.testing.assert_close(head(x, labels), elasticface_reference(x, weight, labels, margins, kind, plus), **EXACT)
-        assert int(head.step) == step
+        assert int(head.margin.step) == step
 
         def reference_loss(x, w, y):
             return F.cross_entropy(elasticface_reference(x, w, y, margins, kind, plus), y)
 
         expected = reference_step(reference_loss, x, weight, labels)
         assert_steps_equal(head_step(head, x, labels), expected)
-        assert int(head.step) == step + 1
+        assert int(head.margin.step) == step + 1
 
 
 def test_elasticface_plus_gives_the_largest_margins_to_the_farthest_samples():
     weight, x, labels = problem(ELASTIC_ANGLES, [1.0] * len(ELASTIC_ANGLES), seed=2)
-    head = float64_head(ElasticFace(DIM, CLASSES, FixedScale(S), kind="cos", m=0.35, std=0.05, plus=True), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, ElasticFace(kind="cos", m=0.35, std=0.05, plus=True), FixedScale(S)), weight)
     column = labels.unsqueeze(1)
     with torch.no_grad():
         target = official_cosines(x, weight).gather(1, column).squeeze(1)
@@ -281,20 +284,20 @@ def test_elasticface_draws_are_reproducible_and_resume_from_a_state_dict():
     weight, x, labels = problem(ELASTIC_ANGLES, [2.0] * len(ELASTIC_ANGLES), seed=3)
 
     def build(seed):
-        return float64_head(ElasticFace(DIM, CLASSES, FixedScale(S), seed=seed), weight)
+        return float64_head(MarginHead(DIM, CLASSES, ElasticFace(seed=seed), FixedScale(S)), weight)
     first, second, other_seed = build(5), build(5), build(6)
     with torch.no_grad():
         assert torch.equal(first(x, labels), second(x, labels))  # same seed and step: same margins
         assert not torch.equal(first(x, labels), other_seed(x, labels))
         for _ in range(3):
             first.loss(x, labels)
-        assert int(first.step) == 3
+        assert int(first.margin.step) == 3
         assert not torch.equal(first(x, labels), second(x, labels))  # another step, another draw
         buffer = io.BytesIO()
         torch.save(first.state_dict(), buffer)
         buffer.seek(0)
         second.load_state_dict(torch.load(buffer, weights_only=True))
-        assert int(second.step) == 3
+        assert int(second.margin.step) == 3
         for _ in range(2):  # the resumed head continues the same stream of draws
             assert torch.equal(second(x, labels), first(x, labels))
             assert torch.equal(second.loss(x, labels)[0], first.loss(x, labels)[0])
@@ -322,7 +325,7 @@ CURRICULAR_ANGLES = [0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7, 1.9, 2.1, 2.3, 2.8]
 
 def test_curricularface_matches_the_official_head_over_two_steps():
     weight, _, labels = problem(CURRICULAR_ANGLES, [1.0] * len(CURRICULAR_ANGLES), seed=4)
-    head = float64_head(CurricularFace(DIM, CLASSES, FixedScale(S)), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, CurricularFace(), FixedScale(S)), weight)
     state = {"t": torch.tensor(0.0, dtype=torch.float64)}
     for step in range(3):
         generator = torch.Generator().manual_seed(100 + step)
@@ -333,10 +336,10 @@ def test_curricularface_matches_the_official_head_over_two_steps():
         assert hard > 0  # the data have hard negatives, so t reaches the loss
         expected = reference_step(lambda x, w, y: F.cross_entropy(curricularface_reference(x, w, y, state), y), x, weight, labels)
         assert_steps_equal(head_step(head, x, labels), expected)
-        torch.testing.assert_close(head.t, state["t"], **EXACT)
+        torch.testing.assert_close(head.margin.t, state["t"], **EXACT)
         with torch.no_grad():  # the logits at the t the step left, which head(x, y) does not move
             torch.testing.assert_close(head(x, labels), curricularface_reference(x, weight, labels, state, update=False), **EXACT)
-        torch.testing.assert_close(head.t, state["t"], **EXACT)
+        torch.testing.assert_close(head.margin.t, state["t"], **EXACT)
     assert state["t"] != 0
 
 
@@ -354,7 +357,7 @@ def test_subcenter_arcface_matches_pytorch_metric_learning(centres):
     # target angles to the class's first centre below pi - m, so no sample is at ArcFace's fallback
     angles = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 0.5, 1.5, 2.1]
     weight, x, labels = problem(angles, [4.0] * len(angles), seed=5, centres_per_class=centres)
-    head = float64_head(SubCenterArcFace(DIM, CLASSES, FixedScale(S), m=0.5, centres=centres), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, SubCenterArcFace(m=0.5, centres=centres), FixedScale(S)), weight)
     reference = pml_subcenter(weight, 0.5, centres)
     target_cos = reference.get_cosine(x).gather(1, labels.unsqueeze(1))
     assert (target_cos.acos() < math.pi - 0.5 - 0.05).all()
@@ -383,9 +386,9 @@ def test_dominant_centres_and_outliers_match_pytorch_metric_learning():
             angles.append(angle)
     labels = torch.tensor(labels)
     x = embeddings_at_angles(weight[rows], angles, [3.0] * len(rows), generator)
-    head = float64_head(SubCenterArcFace(DIM, CLASSES, FixedScale(S), centres=centres), weight)
+    head = float64_head(MarginHead(DIM, CLASSES, SubCenterArcFace(centres=centres), FixedScale(S)), weight)
     for threshold in (75.0, 40.0):
-        dominant, angle_deg, outliers = head.dominant_centres_and_outliers(x, labels, threshold_deg=threshold)
+        dominant, angle_deg, outliers = dominant_centres_and_outliers(head, x, labels, threshold_deg=threshold)
         expected_outliers, dominant_vectors = pml_subcenter(weight, 0.5, centres).get_outliers(x, labels, threshold=threshold)
         assert dominant.tolist() == [label % centres for label in range(CLASSES - 1)] + [-1]
         for label in range(CLASSES - 1):
@@ -415,7 +418,7 @@ def test_every_new_head_trains_with_every_scale_policy(name, policy):
     head_cls, kwargs, nominal = NEW_HEADS[name]
     classes = 10
     torch.manual_seed(0)
-    head = head_cls(DIM, classes, scale=POLICIES[policy](), **kwargs)
+    head = MarginHead(DIM, classes, head_cls(**kwargs), POLICIES[policy]())
     expected_s = {
         "fixed": 30.0,
         "auto": math.sqrt(2) * math.log(classes - 1),
@@ -426,11 +429,11 @@ def test_every_new_head_trains_with_every_scale_policy(name, policy):
     for step in range(3):
         x = (torch.randn(8, DIM) * 6).requires_grad_()  # norms ~24: inside AdaFace's and MagFace's ranges
         labels = torch.randint(0, classes, (8,))
-        head.weight.grad = None
+        head.centres.weight.grad = None
         loss, stats = head.loss(x, labels, statistics=True)
         loss.backward()
         assert torch.isfinite(loss), (step, loss)
-        assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(head.centres.weight.grad).all()
         assert all(torch.isfinite(value).all() for value in stats.values()), stats
         assert float(stats["s"]) == pytest.approx(head.scale.value) and head.scale.value > 0
         if policy in expected_s:
@@ -439,9 +442,9 @@ def test_every_new_head_trains_with_every_scale_policy(name, policy):
 
 # ------------------------------------------------------------------------------ checkpoint round trip
 STATEFUL = {
-    "adaface": (lambda: AdaFace(DIM, CLASSES, DynamicScale()), ("batch_mean", "batch_std")),
-    "curricularface": (lambda: CurricularFace(DIM, CLASSES, FixedScale(S)), ("t",)),
-    "elasticface_arc_plus": (lambda: ElasticFace(DIM, CLASSES, FixedScale(S), std=0.0175, plus=True, seed=3), ("step",)),
+    "adaface": (lambda: MarginHead(DIM, CLASSES, AdaFace(), DynamicScale()), ("margin.batch_mean", "margin.batch_std")),
+    "curricularface": (lambda: MarginHead(DIM, CLASSES, CurricularFace(), FixedScale(S)), ("margin.t",)),
+    "elasticface_arc_plus": (lambda: MarginHead(DIM, CLASSES, ElasticFace(std=0.0175, plus=True, seed=3), FixedScale(S)), ("margin.step",)),
 }
 
 
@@ -478,9 +481,9 @@ def test_new_head_configs_build_and_train(name, tmp_path):
     dense = build_module(cfg).head
     sharded = build_module(compose_config([f"head={name}", "sharding=partial_fc"], tmp_path)).head
     sampled = build_module(compose_config([f"head={name}", "sharding=partial_fc", "sharding.sample_rate=0.1"], tmp_path)).head
-    assert type(dense).__name__ == cfg.head._target_.rsplit(".", 1)[1]
+    assert type(dense.margin).__name__ == cfg.head._target_.rsplit(".", 1)[1]
     assert dense.num_classes == cfg.dataset.num_classes and dense.embedding_size == cfg.model.embedding_size
-    assert sharded.sharded and sampled.sample_rate == 0.1
+    assert isinstance(sharded.centres, PartialFC) and sampled.centres.sample_rate == 0.1
     sharded.load_state_dict(dense.state_dict())
     sampled.load_state_dict(dense.state_dict())
     torch.manual_seed(0)
@@ -490,4 +493,4 @@ def test_new_head_configs_build_and_train(name, tmp_path):
     assert torch.isfinite(dense_loss)
     torch.testing.assert_close(sharded.loss(x, labels)[0], dense_loss)  # sample_rate 1 on one process: the dense loss
     sampled_loss = sampled.loss(x, labels)[0]
-    assert torch.isfinite(sampled_loss) and len(sampled.sampled) == max(int(0.1 * dense.num_classes), len(labels))
+    assert torch.isfinite(sampled_loss) and len(sampled.centres.sampled) == max(int(0.1 * dense.num_classes), len(labels))

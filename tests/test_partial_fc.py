@@ -1,15 +1,16 @@
-"""The class-sharded head (Partial FC, `partial_fc(head)`): shard layout, one-process equivalence,
+"""The class-sharded head (Partial FC's class centres): shard layout, one-process equivalence,
 and two gloo processes against the dense head in one process on the same global batch (float64)."""
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, compose_config, run_script
-from facerec.heads import ArcFace, AutoScale, CosFace, DynamicScale, FixedScale, partial_fc, shard_range
+from facerec.heads import ArcFace, AutoScale, CosFace, DynamicScale, FixedScale, MarginHead, PartialFC, shard_range
 from facerec.training.fit import build_module
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "scripts"))
@@ -30,11 +31,10 @@ def test_shards_cover_the_classes_once_and_differ_by_at_most_one(num_classes, wo
 @pytest.mark.parametrize("scale", [AutoScale, DynamicScale])
 def test_in_one_process_it_computes_what_its_head_computes(scale):
     torch.manual_seed(0)
-    head = CosFace(8, 30, scale=scale(), m=0.35)
-    reference = CosFace(8, 30, scale=scale(), m=0.35)
-    reference.load_state_dict(head.state_dict())
-    sharded = partial_fc(head)
-    assert sharded is head and sharded.shard() == []  # one process: nothing for DDP to ignore
+    sharded = MarginHead(8, 30, CosFace(m=0.35), scale(), centres=PartialFC)
+    reference = MarginHead(8, 30, CosFace(m=0.35), scale())
+    reference.load_state_dict(sharded.state_dict())
+    assert sharded.shard() == []  # one process: nothing for DDP to ignore
     x = torch.randn(16, 8)
     labels = torch.randint(0, 30, (16,))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -44,7 +44,7 @@ def test_in_one_process_it_computes_what_its_head_computes(scale):
     expected_loss.backward()
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
-    torch.testing.assert_close(sharded.weight.grad, reference.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(sharded.centres.weight.grad, reference.centres.weight.grad, rtol=0, atol=0)
     assert sharded.scale.value == reference.scale.value
     assert stats.keys() == expected.keys()
     for key in stats:
@@ -55,24 +55,23 @@ def test_in_one_process_it_computes_what_its_head_computes(scale):
 
 def test_in_one_process_sampling_keeps_every_positive_and_a_fixed_count():
     torch.manual_seed(0)
-    head = partial_fc(CosFace(8, 50, scale=AutoScale()).double(), sample_rate=0.1)
+    head = MarginHead(8, 50, CosFace(), AutoScale(), centres=partial(PartialFC, sample_rate=0.1)).double()
     x = torch.randn(8, 8, dtype=torch.float64)
     labels = torch.tensor([3, 3, 7, 12, 40, 41, 41, 2])
     loss = head.loss(x, labels)[0]
-    sampled = head.sampled
+    sampled = head.centres.sampled
     assert len(sampled) == max(int(0.1 * 50), len(labels))  # the batch size here: 8 classes
     assert set(labels.tolist()) <= set(sampled.tolist()) and torch.equal(sampled, sampled.sort().values)
-    expected = dense_loss(head, head.weight.detach()[sampled], x, torch.searchsorted(sampled, labels), head.scale.value)
+    expected = dense_loss(head, head.centres.weight.detach()[sampled], x, torch.searchsorted(sampled, labels), head.scale.value)
     assert abs(loss.item() - expected.item()) < TOL
 
 
 def test_checkpoints_are_those_of_an_unsharded_head():
     torch.manual_seed(0)
-    head = CosFace(8, 30, scale=DynamicScale())
-    keys = set(head.state_dict())
-    sharded = partial_fc(head)
+    keys = set(MarginHead(8, 30, CosFace(), DynamicScale()).state_dict())
+    sharded = MarginHead(8, 30, CosFace(), DynamicScale(), centres=PartialFC)
     assert set(sharded.state_dict()) == keys
-    other = CosFace(8, 30, scale=DynamicScale())
+    other = MarginHead(8, 30, CosFace(), DynamicScale())
     other.load_state_dict(sharded.state_dict())
     sharded.load_state_dict(other.state_dict())
 
@@ -80,8 +79,8 @@ def test_checkpoints_are_those_of_an_unsharded_head():
 def test_bad_settings_are_named():
     for rate in (0, 1.5):
         with pytest.raises(ValueError, match=rf"sharding.sample_rate must lie in \(0, 1\], got {rate}"):
-            partial_fc(CosFace(8, 30, scale=AutoScale()), sample_rate=rate)
-    head = partial_fc(CosFace(8, 30, scale=AutoScale()))
+            MarginHead(8, 30, CosFace(), AutoScale(), centres=partial(PartialFC, sample_rate=rate))
+    head = MarginHead(8, 30, CosFace(), AutoScale(), centres=PartialFC)
     with pytest.raises(ValueError, match=r"shape \(B, 8\)"):
         head.loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
 
@@ -89,9 +88,9 @@ def test_bad_settings_are_named():
 def test_the_sharding_config_enables_sharding_on_any_head(tmp_path):
     cfg = compose_config(["sharding=partial_fc", "sharding.sample_rate=0.2", "head=arcface", "scale=dynamic"], tmp_path)
     head = build_module(cfg).head
-    assert isinstance(head, ArcFace) and head.sharded and head.sample_rate == 0.2
+    assert isinstance(head.margin, ArcFace) and isinstance(head.centres, PartialFC) and head.centres.sample_rate == 0.2
     assert head.num_classes == cfg.dataset.num_classes and isinstance(head.scale, DynamicScale)
-    assert "partial_fc(sample_rate=0.2" in repr(head)
+    assert "PartialFC(num_classes=500, centres_per_class=1, embedding_size=128, sample_rate=0.2" in repr(head)
 
 
 # ------------------------------------------------------------- two processes
@@ -106,7 +105,7 @@ def dense_loss(head, weight, x, labels, s):
     """A classic head's unsharded loss over the centres `weight`, in float64 autograd ops."""
     cos = F.normalize(x) @ F.normalize(weight).T
     target = cos.gather(1, labels.view(-1, 1)).squeeze(1)
-    return F.cross_entropy(cos.scatter(1, labels.view(-1, 1), head.target_logit(target).view(-1, 1)) * s, labels)
+    return F.cross_entropy(cos.scatter(1, labels.view(-1, 1), head.margin.target_logit(target).view(-1, 1)) * s, labels)
 
 
 def dense_step(name: str, scale: str, s: float | None = None):
@@ -115,12 +114,12 @@ def dense_step(name: str, scale: str, s: float | None = None):
     head = script.build_head(name, scale, 7, 5)
     if s is not None:
         head.scale = FixedScale(s)
-        head.scale.bind(head)
+        head.scale.bind(head.num_classes, head.margin)
     x, labels = script.problem(7, 5, script.BATCH, seed=0)
     x.requires_grad_()
     loss, stats = head.loss(x, labels, statistics=True)
     loss.backward()
-    regulariser = head.regulariser(x.detach().norm(dim=1))
+    regulariser = head.margin.regulariser(x.detach().norm(dim=1))
     return head, loss, stats, x.grad, 0.0 if regulariser is None else regulariser.item()
 
 
@@ -145,7 +144,7 @@ def test_two_ranks_give_the_dense_loss_gradients_statistics_and_state(ranks, nam
     for result in results:
         # the cross-entropy is the global batch's on every rank; MagFace adds its rank's regulariser
         assert abs(result["loss"].item() - result["regulariser"].item() - (loss.item() - regulariser)) < TOL
-        torch.testing.assert_close(result["grad_weight"], head.weight.grad, rtol=0, atol=TOL)
+        torch.testing.assert_close(result["grad_weight"], head.centres.weight.grad, rtol=0, atol=TOL)
         assert result["statistics"].keys() == stats.keys()
         for key, value in stats.items():
             torch.testing.assert_close(result["statistics"][key].double(), value.double(), rtol=0, atol=TOL, msg=key)
@@ -158,8 +157,8 @@ def test_two_ranks_give_the_dense_loss_gradients_statistics_and_state(ranks, nam
 
 def test_a_sharded_head_leaves_its_rows_out_of_ddp_and_refuses_the_logits_path(ranks):
     for rank in ranks[0]:
-        assert rank["shard"]["ignored"] == ["weight"]
-        assert "CosFace is class-sharded: call head.loss(embeddings, labels)" in rank["shard"]["refusal"]
+        assert rank["shard"]["ignored"] == ["centres.weight"]
+        assert "MarginHead is class-sharded: call head.loss(embeddings, labels)" in rank["shard"]["refusal"]
 
 
 def test_a_sharded_head_gives_its_cosines_with_grad_mode_on(ranks):
@@ -171,11 +170,12 @@ def test_under_ddp_the_backbone_gets_the_gradient_of_the_global_batch(ranks):
     model = script.ddp_model()
     images, labels = script.ddp_problem()
     norms = model.backbone(images).norm(dim=1)
-    assert ((norms > model.head.l_a) & (norms < model.head.u_a)).sum() >= script.BATCH // 2  # MagFace's magnitude moves
+    margin = model.head.margin
+    assert ((norms > margin.l_a) & (norms < margin.u_a)).sum() >= script.BATCH // 2  # MagFace's magnitude moves
     model(images, labels).backward()  # one process, the global batch: the dense head
     for rank in ranks[0]:
         torch.testing.assert_close(rank["ddp"]["grad_backbone"], model.backbone.weight.grad, rtol=0, atol=TOL)
-        torch.testing.assert_close(rank["ddp"]["grad_weight"], model.head.weight.grad, rtol=0, atol=TOL)
+        torch.testing.assert_close(rank["ddp"]["grad_weight"], model.head.centres.weight.grad, rtol=0, atol=TOL)
 
 
 def test_sampling_keeps_every_positive_class_and_a_fixed_count(ranks):
@@ -192,7 +192,7 @@ def test_sampling_keeps_every_positive_class_and_a_fixed_count(ranks):
     sampled = torch.cat([result["sampled"] for result in results])
     head = script.build_head("cosface", "auto", 40, 6)
     remapped = torch.searchsorted(sampled, labels)
-    expected = dense_loss(head, head.weight.detach()[sampled], x, remapped, head.scale.value)
+    expected = dense_loss(head, head.centres.weight.detach()[sampled], x, remapped, head.scale.value)
     for result in results:
         assert abs(result["loss"].item() - expected.item()) < TOL
 
@@ -202,7 +202,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(ranks):
     checkpoint = torch.load(out / "resume.ckpt", weights_only=True)
     head, batches, x_eval = script.resume_problem()
     head.load_state_dict(checkpoint["state_dict"])
-    assert head.t.item() != 0  # CurricularFace's t came with the checkpoint
+    assert head.margin.t.item() != 0  # CurricularFace's t came with the checkpoint
     optimizer = script.sgd(head)
     head.shard_optimizer_state(checkpoint["optimizer_states"], param_index=0)
     optimizer.load_state_dict(checkpoint["optimizer_states"][0])
@@ -213,7 +213,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(ranks):
         after = result["resume"]["state_after_step"]
         assert after.keys() == head.state_dict().keys()
         for key, value in head.state_dict().items():
-            if key == "weight":  # the full rows on rank 0, which writes checkpoints; its own rows elsewhere
+            if key == "centres.weight":  # the full rows on rank 0, which writes checkpoints; its own rows elsewhere
                 start, count = shard_range(head.num_classes, script.WORLD_SIZE, rank) if rank else (0, head.num_classes)
                 value = value[start : start + count]
             torch.testing.assert_close(value, after[key], rtol=0, atol=TOL, msg=key)

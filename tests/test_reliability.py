@@ -14,7 +14,8 @@ import torch
 from bad_inputs import WritesAFile
 from fault_injection import infinite_gradient_at, nonfinite_images_at, record_buffers_at, signal_at
 from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_script
-from facerec.training.checkpoints import AtomicCheckpointIO, load_checkpoint
+from facerec.checkpoint_files import load_checkpoint
+from facerec.training.checkpoints import AtomicCheckpointIO
 
 
 def test_sigusr1_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -79,7 +80,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     run_script(["train.py", *TINY_RUN, "logger=csv", f"hydra.run.dir={tmp_path / 'a'}",
                 nonfinite_images_at(3, 4), record_buffers_at(3, tmp_path / "buffers.pt")])
     ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["state_dict"]["nonfinite_steps"] == 2 and ckpt["global_step"] == 20
+    assert ckpt["state_dict"]["step_guard.nonfinite_steps"] == 2 and ckpt["global_step"] == 20
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     # the skipped step left every buffer (BatchNorm running statistics included) exactly as it was
     buffers = torch.load(tmp_path / "buffers.pt", weights_only=True)
@@ -111,7 +112,7 @@ def test_under_fp16_a_skipped_step_also_leaves_the_buffers_as_they_were(tmp_path
                 infinite_gradient_at(3), record_buffers_at(3, tmp_path / "overflow.pt", "overflow_buffers"),
                 nonfinite_images_at(6), record_buffers_at(6, tmp_path / "nan.pt", "nan_buffers")])
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["state_dict"]["nonfinite_steps"] == 1 and ckpt["global_step"] == 20
+    assert ckpt["state_dict"]["step_guard.nonfinite_steps"] == 1 and ckpt["global_step"] == 20
     for name in ("overflow.pt", "nan.pt"):
         buffers = torch.load(tmp_path / name, weights_only=True)
         assert buffers["before"] and all(torch.equal(v, buffers["after"][k]) for k, v in buffers["before"].items()), name

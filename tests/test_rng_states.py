@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from facerec import distributed
-from facerec.training import module
+from facerec.training import checkpoints
 
 
 class FakeCuda:
@@ -48,9 +48,9 @@ def eight_rank_checkpoint(monkeypatch) -> dict:
         cuda = FakeCuda(monkeypatch, devices=8, current=rank)
         cuda.states[rank] = torch.full((16,), 100 + rank, dtype=torch.uint8)
         torch.manual_seed(rank), np.random.seed(rank), random.seed(rank)
-        ranks.append(module._local_rng_state())
+        ranks.append(checkpoints._local_rng_state())
     monkeypatch.setattr(distributed, "all_gather_object", lambda obj: list(ranks))
-    saved = module.rng_states()
+    saved = checkpoints.rng_states()
     buffer = io.BytesIO()
     torch.save(saved, buffer)  # weights-only loadable, as every checkpoint here
     buffer.seek(0)
@@ -63,11 +63,11 @@ def test_a_checkpoint_from_8_devices_resumes_on_fewer_with_each_ranks_own_state(
     for rank in range(world_size):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, world_size))
         cuda = FakeCuda(monkeypatch, devices=world_size, current=rank)
-        module.set_rng_states(states)
+        checkpoints.set_rng_states(states)
         assert torch.equal(cuda.states[rank], torch.full((16,), 100 + rank, dtype=torch.uint8))  # its own, not rank 0's
         torch.manual_seed(rank)
         expected = torch.rand(3)
-        module.set_rng_states(states)
+        checkpoints.set_rng_states(states)
         assert torch.equal(torch.rand(3), expected)  # the CPU generator is rank `rank`'s too
         np.random.seed(rank)
         assert np.random.rand() == pytest.approx(np.random.RandomState(rank).rand())
@@ -78,7 +78,7 @@ def test_a_rank_the_checkpoint_does_not_know_keeps_its_seeded_state(monkeypatch,
     monkeypatch.setattr(distributed, "world", lambda: (9, 10))
     cuda = FakeCuda(monkeypatch, devices=10, current=9)
     before = cuda.states[9].clone()
-    module.set_rng_states(states)
+    checkpoints.set_rng_states(states)
     assert torch.equal(cuda.states[9], before) and "rank 9 keeps its seeded generators" in caplog.text
 
 
@@ -86,10 +86,10 @@ def test_an_older_checkpoint_with_every_devices_state_resumes_on_one_device(monk
     """Before per-rank states a checkpoint held get_rng_state_all() of the 8 devices rank 0 saw;
     torch.cuda.set_rng_state_all with them raised IndexError on a machine with fewer GPUs."""
     FakeCuda(monkeypatch, devices=8)
-    old = {key: value for key, value in module._local_rng_state().items() if key != "cuda"}
+    old = {key: value for key, value in checkpoints._local_rng_state().items() if key != "cuda"}
     old["cuda"] = [torch.full((16,), 50 + i, dtype=torch.uint8) for i in range(8)]
     cuda = FakeCuda(monkeypatch, devices=1)
     with pytest.raises(IndexError):
         torch.cuda.set_rng_state_all(old["cuda"])  # what resuming did before
-    module.set_rng_states(old)
+    checkpoints.set_rng_states(old)
     assert torch.equal(cuda.states[0], old["cuda"][0])

@@ -1,5 +1,5 @@
 """experiment=s_star (issue 16): the class-count knobs, the relative scale grid, and the s-sweep view
-of facerec.tools.compare on a fabricated sweep whose optimum is known."""
+(facerec.tools.s_sweep) on a fabricated sweep whose optimum is known."""
 from __future__ import annotations
 
 import csv
@@ -19,9 +19,9 @@ from conftest import compose_config
 from data_helpers import smooth_image
 from facerec.data import SyntheticIdentities
 from facerec.data.lfw import LfwIdentities, identity_subset
-from facerec.heads import CosFace, NormFace, auto_scale
+from facerec.heads import CosFace, MarginHead, NormFace, auto_scale
 from facerec.heads import RelativeScale
-from facerec.tools import compare, s_sweep
+from facerec.tools import s_sweep
 from facerec.training.fit import build_module
 
 THETA0 = math.pi / 4
@@ -105,9 +105,9 @@ def test_synthetic_identities_and_held_out_pairs_do_not_depend_on_c(tmp_path):
 # ----------------------------------------------------------------------- the relative scale
 def test_relative_scale_is_a_multiple_of_the_auto_scale():
     for factor in (0.3333, 1.0, 3.0):
-        head = CosFace(8, 300, scale=RelativeScale(factor), m=0.35)
+        head = MarginHead(8, 300, CosFace(m=0.35), RelativeScale(factor))
         assert head.scale.value == pytest.approx(factor * math.sqrt(2) * math.log(299), rel=1e-12)
-    assert NormFace(8, 300, scale=RelativeScale(1.0)).scale.value == auto_scale(300)  # factor 1 is scale=auto
+    assert MarginHead(8, 300, NormFace(), RelativeScale(1.0)).scale.value == auto_scale(300)  # factor 1 is scale=auto
     for bad in (0, -1.0, math.inf, "2"):
         with pytest.raises(ValueError, match="scale.factor must be a finite number > 0"):
             RelativeScale(bad)
@@ -320,7 +320,7 @@ def test_s_sweep_tables_show_the_plateau_check_and_the_formula(tmp_path):
 
 def test_s_sweep_cli_writes_two_figures_and_the_tables(tmp_path, capsys):
     grid, references = write_s_sweep(tmp_path / "runs")
-    compare.main([str(grid), str(references), "--s-sweep", "--name", "s_star", "--out", str(tmp_path / "out")])
+    s_sweep.main([str(grid), str(references), "--name", "s_star", "--out", str(tmp_path / "out")])
     assert "### s*(C) against ln(C − 1)" in capsys.readouterr().out
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
     assert written == ["s_star.md", "s_star_curves.png", "s_star_fit.png"]
@@ -333,4 +333,4 @@ def test_s_sweep_needs_the_saved_config(tmp_path):
     grid, _ = write_s_sweep(tmp_path)
     (grid / "3" / ".hydra" / "config.yaml").unlink()
     with pytest.raises(SystemExit, match=r"grid/3: no .hydra/config.yaml"):
-        compare.main([str(grid), "--s-sweep"])
+        s_sweep.main([str(grid)])

@@ -18,6 +18,7 @@ from facerec.heads import (
     CombinedMargin,
     CosFace,
     DynamicScale,
+    MarginHead,
     NormFace,
     SphereFace,
     auto_scale,
@@ -27,52 +28,52 @@ from facerec.training.fit import build_module
 CASIA = 10_575
 THETA0 = math.pi / 4
 HEADS = [
-    NormFace(4, CASIA, scale=AutoScale()),
-    CosFace(4, CASIA, scale=AutoScale(), m=0.35),
-    ArcFace(4, CASIA, scale=AutoScale(), m=0.5),
-    SphereFace(4, CASIA, scale=AutoScale(), m1=1.35),
-    CombinedMargin(4, CASIA, scale=AutoScale()),
+    MarginHead(4, CASIA, NormFace(), AutoScale()),
+    MarginHead(4, CASIA, CosFace(m=0.35), AutoScale()),
+    MarginHead(4, CASIA, ArcFace(m=0.5), AutoScale()),
+    MarginHead(4, CASIA, SphereFace(m1=1.35), AutoScale()),
+    MarginHead(4, CASIA, CombinedMargin(), AutoScale()),
 ]
 
 
 def target_probability(head, s: float, theta: torch.Tensor) -> torch.Tensor:
     """P(theta) = e^{s f} / (e^{s f} + C - 1), the other classes at 90 degrees."""
-    return torch.sigmoid(s * head.target_logit(torch.cos(theta)) - math.log(head.num_classes - 1))
+    return torch.sigmoid(s * head.margin.target_logit(torch.cos(theta)) - math.log(head.num_classes - 1))
 
 
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: type(h).__name__)
 def test_half_criterion_puts_p_at_one_half_at_theta0(head):
-    s = auto_scale(CASIA, THETA0, "half", head.target_logit)
+    s = auto_scale(CASIA, THETA0, "half", head.margin.target_logit)
     theta0 = torch.tensor([THETA0], dtype=torch.float64)
     assert target_probability(head, s, theta0).item() == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: type(h).__name__)
 def test_inflection_criterion_makes_p_steepest_in_theta_at_theta0(head):
-    s = auto_scale(CASIA, THETA0, "inflection", head.target_logit)
+    s = auto_scale(CASIA, THETA0, "inflection", head.margin.target_logit)
     theta = torch.linspace(THETA0 - 0.3, THETA0 + 0.3, 60001, dtype=torch.float64)
     slope = -torch.diff(target_probability(head, s, theta))  # finite differences, independent of the solver
     steepest = (theta[:-1] + theta[1:])[slope.argmax()] / 2
     assert math.degrees(steepest.item()) == pytest.approx(45.0, abs=1e-3)
-    assert s < auto_scale(CASIA, THETA0, "half", head.target_logit)  # f'' < 0 at theta0 for all of these
+    assert s < auto_scale(CASIA, THETA0, "half", head.margin.target_logit)  # f'' < 0 at theta0 for all of these
 
 
 def test_closed_forms_and_the_leads_numbers():
     log_others = math.log(CASIA - 1)
     assert auto_scale(CASIA, criterion="inflection") == pytest.approx(12.79, abs=5e-3)
-    cosface = CosFace(4, CASIA, scale=AutoMarginScale(), m=0.35)
+    cosface = MarginHead(4, CASIA, CosFace(m=0.35), AutoMarginScale())
     assert cosface.scale.value == pytest.approx(log_others / (math.cos(THETA0) - 0.35))
     assert cosface.scale.value == pytest.approx(25.95, abs=5e-3)
-    arcface = ArcFace(4, CASIA, scale=AutoMarginScale(), m=0.5)
+    arcface = MarginHead(4, CASIA, ArcFace(m=0.5), AutoMarginScale())
     assert arcface.scale.value == pytest.approx(log_others / math.cos(THETA0 + 0.5))
     # the plain auto scale ignores the margin
-    assert CosFace(4, CASIA, scale=AutoScale(), m=0.35).scale.value == pytest.approx(13.104, abs=5e-4)
+    assert MarginHead(4, CASIA, CosFace(m=0.35), AutoScale()).scale.value == pytest.approx(13.104, abs=5e-4)
 
 
 def test_plain_auto_scale_caps_cosface_below_one_half_beyond_m_0_293():
     # Even at theta = 0, P = sigmoid(s (1 - m) - ln(C - 1)) < 1/2 once (1 - m) sqrt(2) < 1.
     for m, capped in [(0.25, False), (0.35, True)]:
-        head = CosFace(4, CASIA, scale=AutoScale(), m=m)
+        head = MarginHead(4, CASIA, CosFace(m=m), AutoScale())
         p_best = target_probability(head, head.scale.value, torch.zeros(1, dtype=torch.float64)).item()
         assert (p_best < 0.5) == capped
     assert -math.log(p_best) == pytest.approx(1.14, abs=0.01)  # the loss floor at m = 0.35
@@ -80,7 +81,7 @@ def test_plain_auto_scale_caps_cosface_below_one_half_beyond_m_0_293():
 
 def test_bad_scale_settings_fail_clearly():
     with pytest.raises(ValueError, match=r"f = -1.0000 <= 0 at theta0 = 45.0 deg"):
-        SphereFace(4, CASIA, scale=AutoMarginScale(), m1=4)  # cos(4 * 45 deg) = -1
+        MarginHead(4, CASIA, SphereFace(m1=4), AutoMarginScale())  # cos(4 * 45 deg) = -1
     with pytest.raises(ValueError, match="scale.criterion must be one of half, inflection; got 'steep'"):
         AutoScale(criterion="steep")
     with pytest.raises(ValueError, match=r"scale.theta0 must lie in \(0, pi/2\)"):
@@ -95,9 +96,9 @@ def unit(degrees: float) -> list[float]:
 
 def test_dynamic_scale_equals_a_hand_computed_value():
     centres = [0.0, 90.0, 180.0, 270.0]
-    head = CosFace(2, 4, scale=DynamicScale(max_scale=math.inf), m=0.35)  # the paper's rule, uncapped
+    head = MarginHead(2, 4, CosFace(m=0.35), DynamicScale(max_scale=math.inf))  # the paper's rule, uncapped
     with torch.no_grad():
-        head.weight.copy_(torch.tensor([unit(a) for a in centres]))
+        head.centres.weight.copy_(torch.tensor([unit(a) for a in centres]))
     s = math.sqrt(2) * math.log(3)  # the initial s: the auto value for C = 4
     assert head.scale.value == pytest.approx(s)
     # batch 1: median target angle 10 deg < 45 deg; batch 2: 70 deg, capped at theta0 = 45 deg
@@ -112,7 +113,7 @@ def test_dynamic_scale_equals_a_hand_computed_value():
         loss, stats = head.loss(x, y, statistics=True)  # the training step moves s
         assert head.scale.value == pytest.approx(s, rel=1e-6)
         assert stats["s"].item() == head.scale.value
-        torch.testing.assert_close(head(x), s * (x @ head.weight.T))
+        torch.testing.assert_close(head(x), s * (x @ head.centres.weight.T))
         logits = head(x, y)  # at the new s: the one this batch's loss used
         torch.testing.assert_close(loss, F.cross_entropy(logits, y))
         assert loss.dtype == logits.dtype == torch.float32
@@ -127,12 +128,12 @@ def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
     x = direction + 0.05 * torch.randn(32, 8)
     labels = torch.randint(0, 100, (32,))
     uncapped, capped, capped_at_20 = (
-        CosFace(8, 100, scale=DynamicScale(max_scale=cap)) for cap in (math.inf, None, 20.0)
+        MarginHead(8, 100, CosFace(), DynamicScale(max_scale=cap)) for cap in (math.inf, None, 20.0)
     )
     start = math.sqrt(2) * math.log(99)
     for head in (uncapped, capped, capped_at_20):
         with torch.no_grad():
-            head.weight.copy_(direction + 0.05 * torch.randn(100, 8))
+            head.centres.weight.copy_(direction + 0.05 * torch.randn(100, 8))
         for _ in range(10):
             head.loss(x, labels)
     assert uncapped.scale.value > 5 * start  # ~1.25x per step
@@ -145,14 +146,14 @@ def test_dynamic_scale_is_capped_where_the_uncapped_rule_runs_away():
 
 def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none():
     torch.manual_seed(0)
-    head = NormFace(8, 1000, scale=DynamicScale(max_scale=math.inf))
+    head = MarginHead(8, 1000, NormFace(), DynamicScale(max_scale=math.inf))
     head.scale.s.fill_(500.0)  # exp(500 cos) overflows float32; the log-sum-exp does not
     head.loss(torch.randn(32, 8), torch.randint(0, 1000, (32,)))
     assert math.isfinite(head.scale.value) and head.scale.value > 0
     # two classes, the other one at 180 deg: B_avg = e^{-s} < 1, ln(B_avg) < 0 -> s is kept
-    tiny = NormFace(2, 3, scale=DynamicScale())
+    tiny = MarginHead(2, 3, NormFace(), DynamicScale())
     with torch.no_grad():
-        tiny.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]))
+        tiny.centres.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]]))
     before = tiny.scale.value
     tiny.loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
     assert tiny.scale.value == before
@@ -160,11 +161,11 @@ def test_dynamic_scale_stays_finite_at_any_s_and_keeps_s_when_the_rule_has_none(
 
 def test_dynamic_scale_survives_a_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
-    head = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
+    head = MarginHead(8, 50, CosFace(), DynamicScale(max_scale=math.inf))
     x, labels = torch.randn(16, 8), torch.randint(0, 50, (16,))
     head.loss(x, labels)
     torch.save(head.state_dict(), tmp_path / "head.pt")
-    restored = CosFace(8, 50, scale=DynamicScale(max_scale=math.inf))
+    restored = MarginHead(8, 50, CosFace(), DynamicScale(max_scale=math.inf))
     assert restored.scale.value != head.scale.value
     restored.load_state_dict(torch.load(tmp_path / "head.pt", weights_only=True))
     assert restored.scale.value == head.scale.value
@@ -214,7 +215,7 @@ def test_every_margin_composes_with_every_scale_policy(head, scale, tmp_path):
     s = module.head.scale.value
     assert s == {"fixed": 30.0, "fixed64": 64.0}.get(scale, s) and s > 0
     # the head's non-target logits are the scaled cosines: the margin and the policy compose
-    cos = F.normalize(embeddings) @ F.normalize(module.head.weight).T
+    cos = F.normalize(embeddings) @ F.normalize(module.head.centres.weight).T
     off_target = ~F.one_hot(labels, len(labels)).bool()
     torch.testing.assert_close(logits[off_target], s * cos[off_target])
     # the training path: these logits' cross-entropy (the dynamic s moves first: its own tests)
@@ -228,7 +229,7 @@ def test_every_margin_composes_with_every_scale_policy(head, scale, tmp_path):
 def test_the_docs_table_is_the_scripts_output():
     table = run_script(["scripts/scale_table.py"]).stdout.strip()
     assert "| CASIA-WebFace | 10,575 | 13.10 / 12.79 | 25.95 / 25.64 |" in table
-    assert table in (REPO_ROOT / "docs" / "scale.md").read_text()
+    assert table in (REPO_ROOT / "docs" / "research" / "scale.md").read_text()
 
 
 def test_plot_script_writes_the_figure(tmp_path):

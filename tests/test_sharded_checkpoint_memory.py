@@ -1,4 +1,4 @@
-"""Saving a class-sharded head (`partial_fc`) on two gloo ranks: only rank 0 holds the full tensors.
+"""Saving a class-sharded head (Partial FC) on two gloo ranks: only rank 0 holds the full tensors.
 
 Lightning builds the state dict and runs `on_save_checkpoint` on every rank and rank 0 alone writes
 the file, so only rank 0 may build the full (C K, d) weight and per-row optimizer state in host
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import run_script
-from facerec.heads import CosFace, FixedScale, SubCenterArcFace, partial_fc
+from facerec.heads import CosFace, FixedScale, MarginHead, PartialFC, SubCenterArcFace
 
 WORLD_SIZE = 2
 NUM_CLASSES, EMBEDDING_SIZE = 400_000, 128
@@ -62,10 +62,10 @@ def train_one_step(head: nn.Module, rank: int, seed: int) -> torch.optim.Optimiz
     return optimizer
 
 
-def sharded_subcenter_head(seed: int) -> SubCenterArcFace:
+def sharded_subcenter_head(seed: int) -> MarginHead:
     """C = 9 classes of 2 centres: rows 10 on rank 0, 8 on rank 1."""
     torch.manual_seed(seed)
-    head = partial_fc(SubCenterArcFace(6, 9, scale=FixedScale(30.0), centres=2))
+    head = MarginHead(6, 9, SubCenterArcFace(centres=2), FixedScale(30.0), centres=PartialFC)
     head.shard()
     return head
 
@@ -94,25 +94,25 @@ def run_round_trip(rank: int, out_dir: Path) -> dict:
     own.shard_optimizer_state(optimizer_states, param_index=0)
     own_optimizer.load_state_dict(optimizer_states[0])
     return {
-        "shard": head.weight.detach().clone(),
-        "momentum": optimizer.state[head.weight]["momentum_buffer"].clone(),
-        "saved_weight": state_dict["weight"],
+        "shard": head.centres.weight.detach().clone(),
+        "momentum": optimizer.state[head.centres.weight]["momentum_buffer"].clone(),
+        "saved_weight": state_dict["centres.weight"],
         "saved_momentum": saved_momentum,
-        "loaded_weight": loaded.weight.detach(),
-        "loaded_momentum": loaded_optimizer.state[loaded.weight]["momentum_buffer"],
-        "own_weight": own.weight.detach(),
-        "own_momentum": own_optimizer.state[own.weight]["momentum_buffer"],
+        "loaded_weight": loaded.centres.weight.detach(),
+        "loaded_momentum": loaded_optimizer.state[loaded.centres.weight]["momentum_buffer"],
+        "own_weight": own.centres.weight.detach(),
+        "own_momentum": own_optimizer.state[own.centres.weight]["momentum_buffer"],
     }
 
 
 def run_memory(rank: int) -> dict:
     """Peak host memory increases (bytes) of `state_dict()` and `gather_optimizer_state` at C = 400,000."""
     torch.manual_seed(0)
-    head = partial_fc(CosFace(EMBEDDING_SIZE, NUM_CLASSES, scale=FixedScale(30.0)))
+    head = MarginHead(EMBEDDING_SIZE, NUM_CLASSES, CosFace(), FixedScale(30.0), centres=PartialFC)
     head.shard()
     optimizer = train_one_step(head, rank, seed=3)
     state_dict, state_dict_increase = peak_increase(head.state_dict)
-    weight_rows = len(state_dict["weight"])
+    weight_rows = len(state_dict["centres.weight"])
     del state_dict
     optimizer_states = [optimizer.state_dict()]
     _, optimizer_increase = peak_increase(lambda: head.gather_optimizer_state(optimizer_states, param_index=0))
@@ -121,7 +121,7 @@ def run_memory(rank: int) -> dict:
         "optimizer_state": optimizer_increase,
         "weight_rows": weight_rows,
         "momentum_rows": len(optimizer_states[0]["state"][0]["momentum_buffer"]),
-        "shard_bytes": head.weight.nelement() * head.weight.element_size(),
+        "shard_bytes": head.centres.weight.nelement() * head.centres.weight.element_size(),
     }
 
 

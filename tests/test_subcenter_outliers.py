@@ -14,7 +14,8 @@ from conftest import TINY_RUN, compose_config, run_script
 from data_helpers import write_jpeg_folder
 from facerec.data import DecodeError, Flip, ImageFolderDataset, NoAugment
 from facerec.tools.subcenter_outliers import UnaugmentedImages, find_outliers, main
-from facerec.training.checkpoints import load_backbone, load_checkpoint
+from facerec.backbones.weights import load_backbone
+from facerec.checkpoint_files import load_checkpoint
 from facerec.training.fit import build_module
 
 CENTRES = 3  # conf/head/subcenter_arcface.yaml
@@ -68,7 +69,7 @@ def test_outliers_of_a_trained_run(tmp_path):
     train_set = instantiate(config["dataset"]["train"])
     with torch.no_grad():
         embeddings = torch.cat([backbone(train_set[i][0].unsqueeze(0)) for i in range(len(train_set))])
-    centres = load_checkpoint(ckpt)["state_dict"]["head.weight"].view(20, CENTRES, -1)
+    centres = load_checkpoint(ckpt)["state_dict"]["head.centres.weight"].view(20, CENTRES, -1)
     dominant = torch.tensor([printed[label][0] for label in range(20)])
     cos = F.cosine_similarity(embeddings, centres[labels, dominant[labels]])
     torch.testing.assert_close(angles, torch.rad2deg(cos.acos()), rtol=0, atol=2e-3)  # the CSV keeps 4 decimals

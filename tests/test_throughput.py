@@ -7,7 +7,7 @@ import json
 import torch
 
 from conftest import TINY_RUN, compose_config, read_metrics, run_script
-from facerec.training.checkpoints import load_backbone
+from facerec.backbones.weights import load_backbone
 from facerec.training.fit import build_module
 
 

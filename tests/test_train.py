@@ -28,7 +28,7 @@ def test_train_runs_logs_and_checkpoints(tmp_path):
     assert "last.ckpt" in checkpoints and len(checkpoints) == 2  # last + best by verification accuracy
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["facerec_config"]["scale"]["value"] == 30.0
-    assert ckpt["state_dict"]["head.weight"].shape == (20, 128)
+    assert ckpt["state_dict"]["head.centres.weight"].shape == (20, 128)
     (wandb_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     # logger.wandb.define_metrics reached wandb.define_metric (the offline file holds the globs)
     assert b"val/*" in Path(wandb_file).read_bytes() and b"train/*" in Path(wandb_file).read_bytes()

@@ -299,7 +299,7 @@ def test_checkpointed_under_torch_compile_updates_batchnorm_once():
 @pytest.mark.parametrize("name", list(INSIGHTFACE_VITS))
 def test_vit_model_configs_build_their_backbone(name, tmp_path):
     cfg = compose_config([f"model={name}"], tmp_path)
-    assert cfg.head.embedding_size == cfg.model.embedding_size == 512 and cfg.model.gradient_checkpointing is False
+    assert cfg.model.embedding_size == 512 and cfg.model.gradient_checkpointing is False
     with torch.device("meta"):
         model = instantiate(cfg.model)
     assert isinstance(model, VisionTransformer) and model.mask_ratio == INSIGHTFACE_VITS[name][3]
@@ -318,7 +318,7 @@ def test_wf42m_vit_t_recipe_is_insightfaces(tmp_path):
     model = cfg.model
     assert (model.name, model.drop_path_rate, model.mask_ratio, model.autocast) == ("vit_t", 0.05, 0.0, "bf16")
     assert (cfg.head._target_, cfg.head.m, cfg.scale.value) == ("facerec.heads.CosFace", 0.4, 64.0)
-    assert (cfg.sharding._target_, cfg.sharding.sample_rate) == ("facerec.heads.partial_fc", 0.3)
+    assert (cfg.sharding._target_, cfg.sharding.sample_rate) == ("facerec.heads.PartialFC", 0.3)
     assert cfg.optim.optimizer._target_ == "torch.optim.AdamW"
     assert (cfg.optim.optimizer.lr, cfg.optim.optimizer.weight_decay) == (1e-3, 0.1)
     scheduler = cfg.optim.scheduler

@@ -1,14 +1,13 @@
-"""Training identities, verification sets and the LightningDataModule."""
+"""File readers and datasets: training identities, verification pairs, IJB layouts, image files, and the
+LightningDataModule. No scoring here (facerec.evaluation)."""
 from facerec.data.align import align_face, similarity_transform
 from facerec.data.augment import AdaFaceAugment, Augment, Flip, NoAugment
 from facerec.data.bin import BinVerificationSet, read_bin, write_bin
 from facerec.data.datamodule import FaceDataModule
 from facerec.data.decode import DecodeError, decode_image, normalise
 from facerec.data.encoded import EncodedImages
-from facerec.data.identification_sets import FolderIdentification, IjbIdentification
-from facerec.data.ijb import IJBImages, IJBMeta, IJBVerification, read_ijb_meta
-from facerec.data.ijb_fixture import make_ijb_fixture
-from facerec.data.image_folder import ImageFolderDataset, ImageFolderPairs, scan_folder
+from facerec.data.ijb import IjbImages, IjbMeta, read_1n_templates, read_ijb_meta
+from facerec.data.image_folder import ImageFiles, ImageFolderDataset, ImageFolderPairs, scan_folder
 from facerec.data.lfw import LfwPairs, read_pairs
 from facerec.data.record_dataset import RecordDataset
 from facerec.data.recordio import RecordIOError, RecordIOReader, RecordIOWriter, pack_record, unpack_record
@@ -23,12 +22,10 @@ __all__ = [
     "EncodedImages",
     "FaceDataModule",
     "Flip",
-    "FolderIdentification",
-    "IJBImages",
-    "IJBMeta",
-    "IJBVerification",
-    "IjbIdentification",
     "IdentityRenderer",
+    "IjbImages",
+    "IjbMeta",
+    "ImageFiles",
     "ImageFolderDataset",
     "ImageFolderPairs",
     "LfwPairs",
@@ -43,9 +40,9 @@ __all__ = [
     "align_face",
     "balanced_pairs",
     "decode_image",
-    "make_ijb_fixture",
     "normalise",
     "pack_record",
+    "read_1n_templates",
     "read_bin",
     "read_ijb_meta",
     "read_pairs",

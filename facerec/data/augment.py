@@ -21,7 +21,7 @@ from the process's `random` instead, as the flip always has.
   `augment` extra), run in the DataLoader workers on the uint8 image: 15,000 images/s per core at
   p = 0.2, 9x the same ops in kornia on batches of 128 on the CPU, whose low-resolution op must
   resize one sample at a time (its sizes and interpolations differ per sample); decode + ops +
-  normalise: 4,300 images/s per core, half of decode + flip (docs/benchmarks.md, "Augmentation").
+  normalise: 4,300 images/s per core, half of decode + flip (docs/research/benchmarks.md, "Augmentation").
 
 `policy.network_input(image, key)` applies a policy to an image that is network input already (a
 rendered synthetic face): none and flip keep it exact; pixel ops see it quantised to 8 bits, as a

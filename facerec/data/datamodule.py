@@ -1,28 +1,32 @@
-"""One LightningDataModule for every training set and its verification sets."""
+"""One LightningDataModule for every training set and the image sets validated on."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facerec import lightning_compat
 from facerec.data.sampling import ResumableLoader, ResumableSampler
-from facerec.data.verification import VerificationSet
 
 
 class FaceDataModule(L.LightningDataModule):
-    """Training identities (`train` yields (image, label)) and named verification sets.
+    """Training identities (`train` yields (image, label)) and the image sets of the evaluation sets
+    validated on (`val_sets`: name -> a dataset of (image, index), one loader each, in order).
 
-    `num_classes` is where the class count is stated; heads and scale policies
-    read it from here (by interpolation in the configs).
+    `num_classes` is where the class count is stated; heads and scale policies read it from here
+    (train.py builds the head with it). A dataset config lists in `val_sets` the names of the
+    evaluation sets (conf/evalset/) it validates on by default; train.py builds their protocols and
+    hands their image sets here (facerec.training.fit). Built from a config alone, with the names,
+    the module has no validation sets.
     """
 
     def __init__(
         self,
         num_classes: int,
         train: Dataset,
-        val_sets: Mapping[str, VerificationSet] | None = None,
+        val_sets: Mapping[str, Dataset] | Sequence[str] | None = None,
         batch_size: int = 128,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -41,10 +45,7 @@ class FaceDataModule(L.LightningDataModule):
                 f"dataset.num_classes={self.num_classes} but the training data has {data_classes} identities; "
                 "set dataset.num_classes to the data's class count"
             )
-        self.val_sets = dict(val_sets or {})
-        for name, val_set in self.val_sets.items():
-            if not isinstance(val_set, VerificationSet):
-                raise TypeError(f"dataset.val_sets.{name} must be a VerificationSet, got {type(val_set).__name__}")
+        self.val_sets: dict[str, Dataset] = dict(val_sets) if isinstance(val_sets, Mapping) else {}
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size or batch_size)
         workers = int(num_workers)
@@ -57,18 +58,13 @@ class FaceDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.seed = int(seed)
 
-    @property
-    def val_set_names(self) -> list[str]:
-        return list(self.val_sets)
-
     def _generator(self) -> torch.Generator:
         # Loaders draw their worker base seed from this, not from the global RNG, so iterating
         # data never shifts the RNG stream of the model (dropout): resumed runs stay exact.
         return torch.Generator().manual_seed(self.seed)
 
     def _progress(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self.trainer.current_epoch, lightning_compat.batches_processed_in_epoch(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         # ResumableSampler is a DistributedSampler: under DDP each rank reads its shard (each image

@@ -1,18 +1,21 @@
-"""IJB-B / IJB-C in the layout insightface distributes (`IJB_release/IJBC`), and the 1:1 template protocol.
+"""IJB-B / IJB-C in the layout insightface distributes (`IJB_release/IJBC`): the meta files and the images.
 
     <root>/loose_crop/<image_name>                  the detector's loose crops (e.g. 1.jpg ... 469375.jpg)
     <root>/meta/<ds>_face_tid_mid.txt               image_name template_id media_id
     <root>/meta/<ds>_name_5pts_score.txt            image_name x1 y1 ... x5 y5 faceness, same images, same order
     <root>/meta/<ds>_template_pair_label.txt        template_id template_id label (1 genuine, 0 impostor)
+    <root>/meta/<ds>_1N_probe_mixed.csv             the 1:N probe templates (TEMPLATE_ID,SUBJECT_ID,...)
+    <root>/meta/<ds>_1N_gallery_G1.csv, _G2.csv     the 1:N galleries (IJB-B: _S1, _S2)
 
 (ds = ijbc or ijbb.) Each loose crop is aligned to the ArcFace 112x112 template from its five
-landmarks (facerec.data.align) when it is read. `IJBVerification` is the 1:1 evaluation protocol:
-template pooling and TAR@FAR as in facerec.evaluation.templates (arcface_torch's eval_ijbc.py).
-Bad input raises naming the file and line: a malformed line, a pair naming a template that has
-no images, an image missing from loose_crop/.
+landmarks (facerec.data.align) when it is read. The protocols that score these sets (1:1 template
+verification, 1:N identification) are in facerec.evaluation.protocols. Bad input raises naming the
+file and line: a malformed line, a pair naming a template that has no images, an image missing from
+loose_crop/.
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,20 @@ from torch.utils.data import Dataset
 
 from facerec.data.align import align_face, require_cv2
 from facerec.data.decode import DecodeError, normalise
-from facerec.data.ijb_fixture import make_ijb_fixture, meta_prefix
-from facerec.evaluation.protocols import EvaluationProtocol
-from facerec.evaluation.templates import TEMPLATE_FARS, TemplateResult, verify_templates
+
+DATASETS = ("IJBB", "IJBC")
+GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}  # the 1:N gallery files of each set
+
+
+def meta_prefix(dataset: str) -> str:
+    """The lower-case file prefix of a dataset's meta files ('ijbc' for IJBC)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    return dataset.lower()
 
 
 @dataclass
-class IJBMeta:
+class IjbMeta:
     """The meta files of one IJB set, one row per loose crop (face_tid_mid order)."""
 
     root: Path
@@ -42,9 +52,9 @@ class IJBMeta:
     labels: np.ndarray  # (P,) int64 1 genuine / 0 impostor
 
 
-def meta_file(root: Path, dataset: str, kind: str) -> Path:
-    """root/meta/<ds>_<kind>.txt, e.g. kind 'face_tid_mid'."""
-    return Path(root) / "meta" / f"{meta_prefix(dataset)}_{kind}.txt"
+def meta_file(root: Path, dataset: str, kind: str, suffix: str = ".txt") -> Path:
+    """root/meta/<ds>_<kind><suffix>, e.g. kind 'face_tid_mid'."""
+    return Path(root) / "meta" / f"{meta_prefix(dataset)}_{kind}{suffix}"
 
 
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
@@ -119,10 +129,16 @@ def _line_of_row(path: Path, row: int) -> int:
     return _lines(path)[row][0]
 
 
-def read_ijb_meta(root: str | Path, dataset: str = "IJBC", check_images: bool = True, pairs: bool = True) -> IJBMeta:
+def read_ijb_meta(root: str | Path, dataset: str = "IJBC", check_images: bool = True, pairs: bool = True) -> IjbMeta:
     """Read and cross-check the meta files of root (an IJB_release/IJBC-style folder). pairs=False
     skips the 1:1 template pair file (15.7 M lines for IJB-C), which the 1:N protocol does not use."""
     root = Path(root)
+    if not (root / "meta").is_dir():
+        raise FileNotFoundError(
+            f"no IJB set at {root}: expected {root / 'meta'} (insightface's IJB_release/{dataset} layout). "
+            f"For a small look-alike built from LFW, to test the pipeline: facerec-make-fixture --out {root.parent} "
+            f"--dataset {dataset}"
+        )
     tid_mid, five_points = meta_file(root, dataset, "face_tid_mid"), meta_file(root, dataset, "name_5pts_score")
     names, templates, medias = read_template_media(tid_mid)
     landmark_names, landmarks, faceness, landmark_lines = read_landmarks(five_points)
@@ -143,7 +159,7 @@ def read_ijb_meta(root: str | Path, dataset: str = "IJBC", check_images: bool = 
                 raise FileNotFoundError(f"{five_points}:{number}: image not found: {root / 'loose_crop' / name}")
     if not pairs:
         no_pairs = np.empty((0, 2), dtype=np.int64)
-        return IJBMeta(root, dataset, names, templates, medias, landmarks, faceness, no_pairs, no_pairs[:, 0])
+        return IjbMeta(root, dataset, names, templates, medias, landmarks, faceness, no_pairs, no_pairs[:, 0])
     pair_file = meta_file(root, dataset, "template_pair_label")
     template_pairs, labels = read_template_pairs(pair_file)
     known = np.unique(templates)
@@ -155,22 +171,13 @@ def read_ijb_meta(root: str | Path, dataset: str = "IJBC", check_images: bool = 
             f"{pair_file}:{_line_of_row(pair_file, row)}: template {missing[0]} has no images in {tid_mid} "
             f"({len(unknown)} pairs name unknown templates)"
         )
-    return IJBMeta(root, dataset, names, templates, medias, landmarks, faceness, template_pairs, labels)
+    return IjbMeta(root, dataset, names, templates, medias, landmarks, faceness, template_pairs, labels)
 
 
-def ensure_fixture(root: Path, dataset: str, num_templates: int) -> None:
-    """Write the LFW-based IJB fixture (facerec.data.ijb_fixture) at root when it has no meta/ yet."""
-    if (root / "meta").is_dir():
-        return
-    if root.name != dataset:
-        raise ValueError(f"build_fixture writes <folder>/{dataset}; root must end in {dataset!r}, got {root}")
-    make_ijb_fixture(root.parent, dataset, num_templates=num_templates)
-
-
-class IJBImages(Dataset):
+class IjbImages(Dataset):
     """(image, index): the loose crop `index` aligned to 112x112, (3, 112, 112) float32, (x - 127.5) / 127.5."""
 
-    def __init__(self, meta: IJBMeta):
+    def __init__(self, meta: IjbMeta):
         self.meta = meta
         self.folder = meta.root / "loose_crop"
 
@@ -189,59 +196,31 @@ class IJBImages(Dataset):
         return normalise(align_face(rgb, self.meta.landmarks[index])), index
 
 
-class IJBVerification(EvaluationProtocol):
-    """IJB-B / IJB-C 1:1 template verification (the `<ds>_template_pair_label.txt` pairs).
-
-    root: the set's folder (IJB_release/IJBC); use_faceness: weight images by the detector score
-    (arcface_torch's default, "D1"); keep_norms: pool un-normalised features ("N1"); fusion: "mean"
-    (arcface_torch) or "norm_weighted" (see facerec.evaluation.templates). build_fixture: when root
-    has no meta/ folder, write the LFW-based fixture there first (facerec.data.ijb_fixture; root must
-    then end in the dataset name, e.g. logs/fixtures/IJBC).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        dataset: str = "IJBC",
-        name: str | None = None,
-        use_faceness: bool = True,
-        keep_norms: bool = True,
-        fusion: str = "mean",
-        fars=TEMPLATE_FARS,
-        build_fixture: bool = False,
-        fixture_templates: int = 60,
-    ):
-        root = Path(root)
-        if build_fixture:
-            ensure_fixture(root, dataset, fixture_templates)
-        self.meta = read_ijb_meta(root, dataset)
-        self.name = name or dataset.lower()
-        self.use_faceness, self.keep_norms, self.fusion = bool(use_faceness), bool(keep_norms), fusion
-        self.fars = tuple(fars)
-
-    def image_set(self) -> IJBImages:
-        return IJBImages(self.meta)
-
-    def score(self, features: np.ndarray) -> TemplateResult:
-        features = np.asarray(features)
-        if features.ndim != 2 or len(features) != len(self.meta.image_names):
+def read_1n_templates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(template ids, subject ids) of an IJB 1:N csv (`TEMPLATE_ID,SUBJECT_ID,...`, one row per
+    image), one entry per template in order of first appearance."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IJB 1:N protocol file not found: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [column.strip().upper() for column in rows[0][:2]] != ["TEMPLATE_ID", "SUBJECT_ID"]:
+        found = ",".join(rows[0]) if rows else "an empty file"
+        raise ValueError(f"{path}:1: expected a header starting 'TEMPLATE_ID,SUBJECT_ID', got {found!r}")
+    subject_of: dict[int, tuple[int, int]] = {}  # template -> (subject, line)
+    for number, row in enumerate(rows[1:], 2):
+        if not any(value.strip() for value in row):
+            continue
+        try:
+            template, subject = int(row[0]), int(row[1])
+        except (ValueError, IndexError):
+            found = ",".join(row)
+            raise ValueError(f"{path}:{number}: expected integer TEMPLATE_ID,SUBJECT_ID first, got {found!r}") from None
+        first = subject_of.setdefault(template, (subject, number))
+        if first[0] != subject:
             raise ValueError(
-                f"{self.name}: features must be ({len(self.meta.image_names)}, d), one row per image, "
-                f"got shape {features.shape}"
+                f"{path}:{number}: template {template} has subject {subject} here but {first[0]} on line {first[1]}"
             )
-        result = verify_templates(
-            features,
-            self.meta.templates,
-            self.meta.medias,
-            self.meta.template_pairs,
-            self.meta.labels,
-            faceness=self.meta.faceness if self.use_faceness else None,
-            keep_norms=self.keep_norms,
-            fusion=self.fusion,
-            fars=self.fars,
-        )
-        result.notes.append(
-            f"{self.meta.dataset} 1:1 at {self.meta.root}: {len(features)} images, fusion={self.fusion}, "
-            f"keep_norms={self.keep_norms}, faceness weights={'on' if self.use_faceness else 'off'}"
-        )
-        return result
+    if not subject_of:
+        raise ValueError(f"{path}: no templates listed")
+    return np.fromiter(subject_of, dtype=np.int64), np.array([s for s, _ in subject_of.values()], dtype=np.int64)

@@ -1,4 +1,5 @@
-"""Image folders `root/<identity>/<image>`: a training set and same/different pairs over held-out identities.
+"""Image folders `root/<identity>/<image>`: a training set, same/different pairs over held-out identities,
+and any list of image files as an evaluation image set.
 
 Identities are the sub-folders of `root` in sorted order, or the names of an
 identity list (a Python list, or a file: one name per line, or LFW's
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from facerec.data.augment import FLIP, Augment
 from facerec.data.decode import IMAGE_SUFFIXES, image_tensor
@@ -125,6 +127,21 @@ def scan_folder(root: str | Path, identities: str | Path | Sequence[str] | None 
     if not names:
         raise ValueError(f"{root}: no images found in {len(wanted)} identity folders")
     return FolderScan(root, names, np.array(paths), np.asarray(labels, dtype=np.int64), skipped, empty)
+
+
+class ImageFiles(Dataset):
+    """(image, index) for a list of image files, as evaluation protocols hand out their images."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int = 112):
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.paths[index]
+        return image_tensor(path.read_bytes(), self.image_size, str(path)), index
 
 
 class ImageFolderDataset(EncodedImages):

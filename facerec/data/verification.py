@@ -3,7 +3,7 @@
 A set yields `(image, index)`; embeddings are computed once per image and the
 pairs index into them. This avoids embedding an image once per pair it appears
 in, and under DDP lets every rank embed a shard while the metric gathers all
-indices before scoring (see facerec.evaluation.metrics).
+indices before scoring (see facerec.evaluation.metric).
 """
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
-"""Verification metrics (functions and torchmetrics Metrics), embedding extraction, reports."""
+"""Evaluation: every protocol (pairs, IJB templates, 1:N) and metric, and the one path by which eval.py
+and validation during training score a model (metric.py)."""
 from facerec.evaluation.embeddings import FLIP_MODES, embed, embedding_table, extract_embeddings
-from facerec.evaluation.identification import IdentificationResult, identify
-from facerec.evaluation.metrics import VerificationMetric
-from facerec.evaluation.protocols import EvaluationProtocol, PairProtocol, PairResult, ProtocolResult, as_protocol
-from facerec.evaluation.report import EmbeddingNorms, format_table, log_to_wandb, plot_curves, write_results
+from facerec.evaluation.identification import IdentificationResult, MultiGalleryResult, identify
+from facerec.evaluation.metric import EmbeddingNorms, Evaluation, EvaluationMetric, evaluate_features
+from facerec.evaluation.protocols import (
+    EvaluationProtocol,
+    FolderIdentification,
+    IjbIdentification,
+    IjbVerification,
+    PairVerification,
+)
+from facerec.evaluation.report import format_table, log_to_wandb, mean_accuracy, plot_curves, write_results
+from facerec.evaluation.result import ProtocolResult
 from facerec.evaluation.templates import TemplateResult, pool_templates, verify_templates
 from facerec.evaluation.verification import (
     FARS,
@@ -21,27 +29,32 @@ from facerec.evaluation.verification import (
 __all__ = [
     "FARS",
     "FLIP_MODES",
-    "IdentificationResult",
     "EmbeddingNorms",
+    "Evaluation",
+    "EvaluationMetric",
     "EvaluationProtocol",
-    "PairProtocol",
-    "PairResult",
+    "FolderIdentification",
+    "IdentificationResult",
+    "IjbIdentification",
+    "IjbVerification",
+    "MultiGalleryResult",
+    "PairVerification",
     "ProtocolResult",
     "TemplateResult",
-    "VerificationMetric",
     "VerificationResult",
     "area_under_curve",
-    "as_protocol",
     "best_threshold",
     "cosine_scores",
     "embed",
     "embedding_table",
     "equal_error_rate",
+    "evaluate_features",
     "extract_embeddings",
     "format_table",
     "identify",
     "log_to_wandb",
     "make_folds",
+    "mean_accuracy",
     "plot_curves",
     "pool_templates",
     "roc_curve",

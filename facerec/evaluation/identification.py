@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from facerec.evaluation.protocols import ProtocolResult
+from facerec.evaluation.result import ProtocolResult
 
 RANKS = (1, 5, 10, 20)
 FPIRS = (1e-3, 1e-2, 1e-1)
@@ -284,3 +284,56 @@ def identify(
         top_scores=top_scores,
         mated=mated,
     )
+
+
+@dataclass
+class MultiGalleryResult(ProtocolResult):
+    """The identification results of one probe set searched in several galleries, and their mean (as the
+    IJB-B / IJB-C 1:N tables report it)."""
+
+    kind = "identification"
+
+    galleries: dict[str, IdentificationResult]
+    notes: list[str] = field(default_factory=list)
+
+    def _mean(self, metric: str) -> dict:
+        values = [getattr(result, metric) for result in self.galleries.values()]
+        keys = values[0].keys()
+        return {
+            key: None if any(v[key] is None for v in values) else float(np.mean([v[key] for v in values])) for key in keys
+        }
+
+    @property
+    def cmc(self) -> dict[int, float]:
+        return self._mean("cmc")
+
+    @property
+    def tpir_at_fpir(self) -> dict[float, float | None]:
+        return self._mean("tpir_at_fpir")
+
+    def summary(self) -> dict[str, float]:
+        flat = {f"rank{rank}": rate for rank, rate in self.cmc.items()}
+        flat.update({f"tpir@fpir={fpir:.0e}": tpir for fpir, tpir in self.tpir_at_fpir.items() if tpir is not None})
+        for name, result in self.galleries.items():
+            flat.update({f"{name}/{key}": value for key, value in result.summary().items()})
+        return flat
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "mean": {
+                "cmc": {str(rank): rate for rank, rate in self.cmc.items()},
+                "tpir_at_fpir": {f"{fpir:.0e}": tpir for fpir, tpir in self.tpir_at_fpir.items()},
+            },
+            "galleries": {name: result.to_dict() for name, result in self.galleries.items()},
+            "notes": self.notes,
+        }
+
+    def table_row(self) -> dict[str, str]:
+        names = ", ".join(self.galleries)
+        probes = ", ".join(f"{name} {r.num_mated}/{r.num_non_mated}" for name, r in self.galleries.items())
+        return identification_row(f"mean of {names}", probes, self.cmc, self.tpir_at_fpir)
+
+    def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
+        curves = [result.curve() for result in self.galleries.values()]
+        return "cmc", curves[0][1], np.mean([rates for _, _, rates in curves], axis=0)

@@ -1,91 +1,63 @@
-"""Reporting evaluation results: Markdown tables, results.json, a ROC/CMC figure and W&B plots."""
+"""Reporting evaluations: Markdown tables, results.json, a ROC/CMC figure, and the same tables and
+curves in W&B; for every kind of result (pairs, templates, identification) alike."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from facerec.evaluation.protocols import REPORTED_FAR, RESULT_KINDS, ProtocolResult
-from facerec.evaluation.verification import VerificationResult, tar_at_far
-
-TABLE_COLUMNS = ["set", "pairs", "accuracy", "accuracy_std", f"tar@far={REPORTED_FAR:.0e}", "auc", "eer", "folds"]
-
-
-@dataclass(frozen=True)
-class EmbeddingNorms:
-    """Mean and standard deviation (ddof=0) of the L2 norms of a set's features, the flip-summed,
-    un-normalised embeddings scored by its protocol: a quality signal (small norms mark hard or
-    broken images) and a sanity check of the model's preprocessing."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def of(cls, features) -> EmbeddingNorms:
-        norms = np.linalg.norm(np.asarray(features, dtype=np.float64), axis=1)
-        return cls(float(norms.mean()), float(norms.std()))
+from facerec.evaluation.metric import Evaluation
+from facerec.evaluation.result import RESULT_KINDS, ProtocolResult
+from facerec.evaluation.verification import tar_at_far
 
 
-def table_rows(results: Mapping[str, VerificationResult]) -> list[list]:
-    """One row per set, in TABLE_COLUMNS order (TAR None where the set is too small for that FAR)."""
-    return [
-        [name, r.num_pairs, r.accuracy, r.accuracy_std, r.tar_at_far.get(REPORTED_FAR), r.auc, r.eer, r.fold_policy]
-        for name, r in results.items()
-    ]
+def mean_accuracy(evaluations: Mapping[str, Evaluation]) -> float | None:
+    """The mean 10-fold accuracy of the sets that report one (pair sets): `val/accuracy_mean`, the
+    default model-selection metric, and what eval.py returns to a sweeper. None without such a set."""
+    accuracies = [e.result.summary()["accuracy"] for e in evaluations.values() if "accuracy" in e.result.summary()]
+    return sum(accuracies) / len(accuracies) if accuracies else None
 
 
-def format_table(results: Mapping[str, ProtocolResult], norms: Mapping[str, EmbeddingNorms] | None = None) -> str:
-    """One Markdown table per result kind (pairs, templates, identification), in that order.
-
-    Rows are the sets of that kind: the set name, the result's own columns (`table_row()`), and the
-    mean ± std of the embedding norm where `norms` holds the set.
-    """
-    tables = []
-    for kind in sorted({r.kind for r in results.values()}, key=_kind_order):
-        rows = {name: r.table_row() for name, r in results.items() if r.kind == kind}
-        columns = list(dict.fromkeys(column for row in rows.values() for column in row))
-        header = ["set", *columns] + (["embedding norm (mean ± std)"] if norms else [])
-        lines = [f"### {kind}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        for name, row in rows.items():
-            cells = [name, *(row.get(column, "–") for column in columns)]
-            if norms:
-                cells.append(f"{norms[name].mean:.3g} ± {norms[name].std:.2g}" if name in norms else "–")
-            lines.append("| " + " | ".join(cells) + " |")
-        tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+def _by_kind(evaluations: Mapping[str, Evaluation]) -> dict[str, dict[str, Evaluation]]:
+    """The evaluations grouped by result kind, kinds in RESULT_KINDS order, sets in their own order."""
+    kinds = sorted({e.result.kind for e in evaluations.values()}, key=_kind_order)
+    return {kind: {name: e for name, e in evaluations.items() if e.result.kind == kind} for kind in kinds}
 
 
 def _kind_order(kind: str) -> tuple[int, str]:
     return (RESULT_KINDS.index(kind) if kind in RESULT_KINDS else len(RESULT_KINDS), kind)
 
 
-def write_results(
-    results: Mapping[str, ProtocolResult],
-    path: str | Path,
-    norms: Mapping[str, EmbeddingNorms] | None = None,
-    **context,
-) -> Path:
+def format_table(evaluations: Mapping[str, Evaluation]) -> str:
+    """One Markdown table per result kind (pairs, templates, identification), in that order: the set
+    name, the result's own columns (`table_row()`) and the mean ± std of the embedding norm."""
+    tables = []
+    for kind, group in _by_kind(evaluations).items():
+        rows = {name: e.result.table_row() for name, e in group.items()}
+        columns = list(dict.fromkeys(column for row in rows.values() for column in row))
+        header = ["set", *columns, "embedding norm (mean ± std)"]
+        lines = [f"### {kind}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        for name, row in rows.items():
+            norms = group[name].norms
+            cells = [name, *(row.get(column, "–") for column in columns), f"{norms.mean:.3g} ± {norms.std:.2g}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def write_results(evaluations: Mapping[str, Evaluation], path: str | Path, **context) -> Path:
     """results.json: `context` (the model source, flip, ...) and every set's result (its kind, its
-    `to_dict()`, the embedding norm statistics where `norms` holds the set)."""
+    `to_dict()`, the embedding norm statistics)."""
     path = Path(path)
-    sets = {}
-    for name, r in results.items():
-        sets[name] = {"kind": r.kind, **r.to_dict()}
-        if norms and name in norms:
-            sets[name]["embedding_norm"] = asdict(norms[name])
-    payload = {**context, "sets": sets}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    sets = {
+        name: {"kind": e.result.kind, **e.result.to_dict(), "embedding_norm": asdict(e.norms)} for name, e in evaluations.items()
+    }
+    path.write_text(json.dumps({**context, "sets": sets}, indent=2) + "\n")
     return path
-
-
-def far_grid(result: VerificationResult, points_per_decade: int = 20) -> np.ndarray:
-    """FARs from the smallest one the set resolves (1 / different pairs) to 1, evenly on a log scale."""
-    smallest = 1.0 / max(result.num_pairs - result.num_same, 1)
-    decades = -np.log10(smallest)
-    return np.logspace(-decades, 0, max(int(np.ceil(decades * points_per_decade)), 1) + 1)
 
 
 def plot_curves(results: Mapping[str, ProtocolResult], path: str | Path, title: str = "") -> Path:
@@ -151,26 +123,52 @@ def _plot_cmc(ax, curves: list) -> None:
     ax.legend(loc="lower right", fontsize="small")
 
 
-def log_to_wandb(loggers: Sequence, results: Mapping[str, VerificationResult], step: int, prefix: str = "val") -> None:
-    """Log the per-set table and the ROC (TAR against log10 FAR, one line per set) to every
-    attached Lightning WandbLogger; nothing happens without one."""
+def far_grid(fpr: np.ndarray, points_per_decade: int = 20) -> np.ndarray:
+    """FARs from the smallest non-zero one of a ROC to 1, evenly on a log scale."""
+    smallest = float(fpr[fpr > 0].min()) if (fpr > 0).any() else 1.0
+    decades = -math.log10(smallest)
+    return np.logspace(-decades, 0, max(int(np.ceil(decades * points_per_decade)), 1) + 1)
+
+
+def wandb_curve_rows(results: Mapping[str, ProtocolResult]) -> dict[str, list[list]]:
+    """{"roc": [set, log10(FAR), FAR, TAR] rows on a log FAR grid, "cmc": [set, rank, rate] rows}."""
+    rows: dict[str, list[list]] = {"roc": [], "cmc": []}
+    for name, result in results.items():
+        curve = result.curve()
+        if curve is None:
+            continue
+        kind, x, y = curve
+        if kind == "roc":
+            fars = far_grid(x)
+            rows["roc"] += [[name, float(np.log10(f)), float(f), float(t)] for f, t in zip(fars, tar_at_far(x, y, fars))]
+        else:
+            rows["cmc"] += [[name, int(rank), float(rate)] for rank, rate in zip(x, y)]
+    return rows
+
+
+def log_to_wandb(loggers: Sequence, evaluations: Mapping[str, Evaluation], step: int, prefix: str = "val") -> None:
+    """Log, to every attached Lightning WandbLogger, one table per result kind (a row per set: its
+    `summary()` metrics) and the ROC (TAR against log10 FAR) and CMC curves, one line per set;
+    nothing happens without a WandbLogger."""
     from lightning.pytorch.loggers import WandbLogger
 
     runs = [logger.experiment for logger in loggers if isinstance(logger, WandbLogger)]
-    if not runs or not results:
+    if not runs or not evaluations:
         return
     import wandb
 
-    roc_rows = []
-    for name, r in results.items():
-        fars = far_grid(r)
-        roc_rows += [[name, float(np.log10(f)), float(f), float(t)] for f, t in zip(fars, tar_at_far(r.fpr, r.tpr, fars))]
+    curves = wandb_curve_rows({name: e.result for name, e in evaluations.items()})
     for run in runs:
-        roc = wandb.Table(columns=["set", "log10(FAR)", "FAR", "TAR"], data=roc_rows)
-        run.log(
-            {
-                f"{prefix}/roc": wandb.plot.line(roc, "log10(FAR)", "TAR", stroke="set", title="ROC (TAR vs log10 FAR)"),
-                f"{prefix}/table": wandb.Table(columns=TABLE_COLUMNS, data=table_rows(results)),
-                "trainer/global_step": step,
-            }
-        )
+        payload: dict = {"trainer/global_step": step}
+        for kind, group in _by_kind(evaluations).items():
+            summaries = {name: e.summary() for name, e in group.items()}
+            columns = list(dict.fromkeys(key for summary in summaries.values() for key in summary))
+            data = [[name, *(summary.get(column) for column in columns)] for name, summary in summaries.items()]
+            payload[f"{prefix}/{kind}_table"] = wandb.Table(columns=["set", *columns], data=data)
+        if curves["roc"]:
+            roc = wandb.Table(columns=["set", "log10(FAR)", "FAR", "TAR"], data=curves["roc"])
+            payload[f"{prefix}/roc"] = wandb.plot.line(roc, "log10(FAR)", "TAR", stroke="set", title="ROC (TAR vs log10 FAR)")
+        if curves["cmc"]:
+            cmc = wandb.Table(columns=["set", "rank", "identification rate"], data=curves["cmc"])
+            payload[f"{prefix}/cmc"] = wandb.plot.line(cmc, "rank", "identification rate", stroke="set", title="CMC")
+        run.log(payload)

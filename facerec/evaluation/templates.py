@@ -34,7 +34,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from facerec.evaluation.protocols import ProtocolResult
+from facerec.evaluation.result import ProtocolResult
 from facerec.evaluation.verification import area_under_curve, tar_at_far
 
 TEMPLATE_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

@@ -17,14 +17,19 @@ lists its 500 same pairs first). The result says which policy was used.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
+from facerec.evaluation.result import ProtocolResult
+
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
+REPORTED_FAR = 1e-3  # the TAR@FAR column of the pairs table
 
 
 @dataclass
-class VerificationResult:
+class VerificationResult(ProtocolResult):
+    kind: ClassVar[str] = "pairs"
     accuracy: float
     accuracy_std: float
     threshold: float  # best threshold on all pairs (cosine similarity)
@@ -59,6 +64,20 @@ class VerificationResult:
         data = {k: v for k, v in asdict(self).items() if k not in ("fpr", "tpr")}
         data["tar_at_far"] = {f"{far:.0e}": tar for far, tar in self.tar_at_far.items()}
         return data
+
+    def table_row(self) -> dict[str, str]:
+        tar = self.tar_at_far.get(REPORTED_FAR)
+        return {
+            "pairs": str(self.num_pairs),
+            "accuracy (%)": f"{100 * self.accuracy:.2f} ± {100 * self.accuracy_std:.2f}",
+            f"TAR@FAR={REPORTED_FAR:.0e} (%)": "n/a" if tar is None else f"{100 * tar:.2f}",
+            "AUC": f"{self.auc:.4f}",
+            "EER (%)": f"{100 * self.eer:.2f}",
+            "folds": self.fold_policy,
+        }
+
+    def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
+        return "roc", self.fpr, self.tpr
 
 
 def _float64(x) -> np.ndarray:

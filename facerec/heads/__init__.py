@@ -1,18 +1,23 @@
-"""Margin heads (how the target logit is penalised) composed with scale policies (how s is chosen).
+"""Heads: a margin (how the target logit is penalised) over class centres (dense, or sharded by
+Partial FC), with a scale policy (how s is chosen), trained through `MarginHead.loss`.
 
-Every head trains through `head.loss(embeddings, labels)` (head.py), dense or class-sharded
-(`partial_fc`), and the scale s is computed in scale.py only.
+One file per concern: margin.py (the margin contract) and one file per margin family, centres.py
+and partial_fc.py (the class centres and their sharding), scale.py (where s is computed), loss.py
+(the fused cross-entropy), head.py (the composition).
 """
 from facerec.heads.adaface import AdaFace
 from facerec.heads.angles import COS_EPS, angle
+from facerec.heads.centres import ClassCentres
 from facerec.heads.curricularface import CurricularFace
 from facerec.heads.elasticface import ElasticFace
-from facerec.heads.head import MarginHead, partial_fc, shard_range
+from facerec.heads.head import MarginHead
+from facerec.heads.loss import MarginCrossEntropy
 from facerec.heads.magface import MagFace
-from facerec.heads.margin_loss import MarginCrossEntropy
+from facerec.heads.margin import Margin
 from facerec.heads.margins import AdaCos, ArcFace, CombinedMargin, CosFace, NormFace, SphereFace, additive_angular, monotonic_cos
+from facerec.heads.partial_fc import PartialFC, shard_range
 from facerec.heads.scale import AutoMarginScale, AutoScale, DynamicScale, FixedScale, RelativeScale, ScalePolicy, auto_scale
-from facerec.heads.subcenter import SubCenterArcFace
+from facerec.heads.subcenter import SubCenterArcFace, dominant_centres_and_outliers
 
 __all__ = [
     "COS_EPS",
@@ -21,6 +26,7 @@ __all__ = [
     "ArcFace",
     "AutoMarginScale",
     "AutoScale",
+    "ClassCentres",
     "CombinedMargin",
     "CosFace",
     "CurricularFace",
@@ -28,9 +34,11 @@ __all__ = [
     "ElasticFace",
     "FixedScale",
     "MagFace",
+    "Margin",
     "MarginCrossEntropy",
     "MarginHead",
     "NormFace",
+    "PartialFC",
     "RelativeScale",
     "ScalePolicy",
     "SphereFace",
@@ -38,7 +46,7 @@ __all__ = [
     "additive_angular",
     "angle",
     "auto_scale",
+    "dominant_centres_and_outliers",
     "monotonic_cos",
-    "partial_fc",
     "shard_range",
 ]

@@ -15,38 +15,34 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from facerec.heads.head import MarginHead
-from facerec.heads.scale import ScalePolicy
+from facerec.heads.margin import Margin
+
+if TYPE_CHECKING:
+    from facerec.heads.centres import ClassCentres
 
 EPS = 1e-3  # the official head's eps: cosine clamp, angle clip and std offset
 
 
-class AdaFace(MarginHead):
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: ScalePolicy,
-        m: float = 0.4,
-        h: float = 0.333,
-        t_alpha: float = 0.01,
-    ):
+class AdaFace(Margin):
+    def __init__(self, m: float = 0.4, h: float = 0.333, t_alpha: float = 0.01):
         if not (0 <= m < 1 and h > 0 and 0 < t_alpha <= 1):
             raise ValueError(f"AdaFace needs 0 <= m < 1, h > 0 and 0 < t_alpha <= 1; got m={m}, h={h}, t_alpha={t_alpha}")
-        super().__init__(embedding_size, num_classes, scale, m=float(m), h=float(h), t_alpha=float(t_alpha))
+        super().__init__(m=float(m), h=float(h), t_alpha=float(t_alpha))
         # EMA of the batch's norm mean and std: buffers, so checkpoints keep them and a resume is exact
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 
-    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, centres: ClassCentres, update: bool) -> torch.Tensor:
         """The per-sample margin scaler z (N,), from the detached norms; `update` advances the EMA
         with the global batch's mean and (unbiased) std first, as the official head does."""
         safe_norms = norms.detach().clamp(0.001, 100)
         if update:
             with torch.no_grad():
-                batch = self.batch_rows(safe_norms)
+                batch = centres.batch_rows(safe_norms)
                 alpha = self.t_alpha
                 self.batch_mean.mul_(1 - alpha).add_(alpha * batch.mean().to(self.batch_mean.dtype))
                 self.batch_std.mul_(1 - alpha).add_(alpha * batch.std().to(self.batch_std.dtype))

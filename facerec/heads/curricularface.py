@@ -10,29 +10,33 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from facerec.heads.head import MarginHead
+from facerec.heads.margin import Margin
 from facerec.heads.margins import additive_angular
-from facerec.heads.scale import ScalePolicy
+
+if TYPE_CHECKING:
+    from facerec.heads.centres import ClassCentres
 
 
-class CurricularFace(MarginHead):
+class CurricularFace(Margin):
     changes_nontargets = True
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: ScalePolicy, m: float = 0.5, momentum: float = 0.01):
+    def __init__(self, m: float = 0.5, momentum: float = 0.01):
         if not (0 <= m < math.pi / 2 and 0 < momentum <= 1):
             raise ValueError(f"CurricularFace needs 0 <= m < pi/2 and 0 < momentum <= 1, got m={m}, momentum={momentum}")
-        super().__init__(embedding_size, num_classes, scale, m=float(m), momentum=float(momentum))
+        super().__init__(m=float(m), momentum=float(momentum))
         self.register_buffer("t", torch.zeros(()))
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return additive_angular(cos_target, self.m)
 
-    def nontarget_logits(self, cos: torch.Tensor, target: torch.Tensor, update: bool = False):
+    def nontarget_logits(self, cos: torch.Tensor, target: torch.Tensor, centres: ClassCentres, update: bool = False):
         if update:  # as the official code: t moves before this batch's logits use it
             with torch.no_grad():
-                mean = self.batch_rows(target.detach()).mean()
+                mean = centres.batch_rows(target.detach()).mean()
                 self.t.mul_(1 - self.momentum).add_(self.momentum * mean.to(self.t.dtype))
         target = target.detach().clamp(-1, 1)
         threshold = target * math.cos(self.m) - (1 - target.square()).sqrt() * math.sin(self.m)  # cos(theta_y + m)

@@ -15,20 +15,21 @@ The nominal margin (what `scale=auto_margin` evaluates) is m.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from facerec import distributed
-from facerec.heads.head import MarginHead
+from facerec.heads.margin import Margin
 from facerec.heads.margins import additive_angular
-from facerec.heads.scale import ScalePolicy
+
+if TYPE_CHECKING:
+    from facerec.heads.centres import ClassCentres
 
 
-class ElasticFace(MarginHead):
+class ElasticFace(Margin):
     def __init__(
         self,
-        embedding_size: int,
-        num_classes: int,
-        scale: ScalePolicy,
         m: float = 0.5,
         std: float = 0.05,
         kind: str = "arc",
@@ -39,12 +40,12 @@ class ElasticFace(MarginHead):
             raise ValueError(f"ElasticFace kind must be 'arc' or 'cos', got {kind!r}")
         if not (0 <= m < 1.5 and std >= 0):
             raise ValueError(f"ElasticFace needs 0 <= m < 1.5 and std >= 0, got m={m}, std={std}")
-        super().__init__(embedding_size, num_classes, scale, m=float(m), std=float(std), kind=kind, plus=bool(plus), seed=int(seed))
+        super().__init__(m=float(m), std=float(std), kind=kind, plus=bool(plus), seed=int(seed))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # draws taken: checkpointed
 
-    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, centres: ClassCentres, update: bool) -> torch.Tensor:
         rank, world_size = distributed.world()
-        shards = 1 if self.world_size > 1 else world_size  # a dense head under DDP sees 1/R of the batch
+        shards = 1 if centres.sees_global_batch else world_size  # a dense head under DDP sees 1/R of the batch
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.step))
         draws = torch.normal(self.m, self.std, (len(labels) * shards,), generator=generator, dtype=torch.float64)
         if update:

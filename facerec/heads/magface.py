@@ -11,19 +11,20 @@ The nominal margin (what `scale=auto_margin` evaluates) is m at the middle magni
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from facerec.heads.head import MarginHead
+from facerec.heads.margin import Margin
 from facerec.heads.margins import additive_angular
-from facerec.heads.scale import ScalePolicy
+
+if TYPE_CHECKING:
+    from facerec.heads.centres import ClassCentres
 
 
-class MagFace(MarginHead):
+class MagFace(Margin):
     def __init__(
         self,
-        embedding_size: int,
-        num_classes: int,
-        scale: ScalePolicy,
         l_a: float = 10.0,
         u_a: float = 110.0,
         l_m: float = 0.45,
@@ -35,11 +36,9 @@ class MagFace(MarginHead):
                 f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m < 1.5 (radians) and lambda_g >= 0; "
                 f"got l_a={l_a}, u_a={u_a}, l_m={l_m}, u_m={u_m}, lambda_g={lambda_g}"
             )
-        super().__init__(
-            embedding_size, num_classes, scale, l_a=float(l_a), u_a=float(u_a), l_m=float(l_m), u_m=float(u_m), lambda_g=float(lambda_g)
-        )
+        super().__init__(l_a=float(l_a), u_a=float(u_a), l_m=float(l_m), u_m=float(u_m), lambda_g=float(lambda_g))
 
-    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, update: bool) -> torch.Tensor:
+    def margin_inputs(self, norms: torch.Tensor, labels: torch.Tensor, centres: ClassCentres, update: bool) -> torch.Tensor:
         return norms.clamp(self.l_a, self.u_a)  # the magnitude a, with its gradient
 
     def margin(self, magnitude: torch.Tensor | float) -> torch.Tensor | float:

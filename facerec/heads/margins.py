@@ -4,7 +4,8 @@ The non-target logits are the plain cosines. Every f here except ArcFace's `easy
 decreases monotonically in theta over [0, pi], so moving towards the class centre always raises
 the target logit. The heads with per-sample margins, changed non-target logits or several
 centres per class have a file each (adaface.py, magface.py, elasticface.py, curricularface.py,
-subcenter.py); all of them train through `MarginHead.loss` (head.py).
+subcenter.py); every margin trains through `MarginHead.loss` (head.py) with any scale policy and
+any class sharding.
 """
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ import math
 import torch
 
 from facerec.heads.angles import angle
-from facerec.heads.head import MarginHead
-from facerec.heads.scale import ScalePolicy
+from facerec.heads.margin import Margin
 
 
-class NormFace(MarginHead):
+class NormFace(Margin):
     """No margin (Wang et al. 2017): f = cos(theta); softmax on scaled cosines."""
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: ScalePolicy, **margin: float):
+    def __init__(self, **margin: float):
         if margin:
             raise TypeError(
                 f"{type(self).__name__} has no margin parameters, got {', '.join(sorted(margin))}; "
                 "remove them or choose a margin head (cosface, arcface, sphereface, combined)"
             )
-        super().__init__(embedding_size, num_classes, scale)
+        super().__init__()
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return cos_target
@@ -36,19 +36,19 @@ class AdaCos(NormFace):
     """AdaCos (Zhang et al. 2019): no margin; the method is this head with `scale=dynamic`."""
 
 
-class CosFace(MarginHead):
+class CosFace(Margin):
     """Large margin cosine loss (Wang et al. 2018): f = cos(theta) - m."""
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: ScalePolicy, m: float = 0.35):
+    def __init__(self, m: float = 0.35):
         if not 0 <= m < 1:
             raise ValueError(f"CosFace margin m must lie in [0, 1), got {m}")
-        super().__init__(embedding_size, num_classes, scale, m=float(m))
+        super().__init__(m=float(m))
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return cos_target - self.m
 
 
-class ArcFace(MarginHead):
+class ArcFace(Margin):
     """Additive angular margin (Deng et al. 2019): f = cos(theta + m).
 
     cos(theta + m) starts increasing again once theta + m > pi, which would reward
@@ -59,17 +59,10 @@ class ArcFace(MarginHead):
     where cos(theta) > 0.
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: ScalePolicy,
-        m: float = 0.5,
-        easy_margin: bool = False,
-    ):
+    def __init__(self, m: float = 0.5, easy_margin: bool = False):
         if not 0 <= m < math.pi / 2:
             raise ValueError(f"ArcFace margin m must lie in [0, pi/2) radians, got {m}")
-        super().__init__(embedding_size, num_classes, scale, m=float(m), easy_margin=bool(easy_margin))
+        super().__init__(m=float(m), easy_margin=bool(easy_margin))
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return additive_angular(cos_target, self.m, self.easy_margin)
@@ -95,7 +88,7 @@ def monotonic_cos(phi: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * torch.remainder(k, 2)) * torch.cos(phi) - 2 * k
 
 
-class CombinedMargin(MarginHead):
+class CombinedMargin(Margin):
     """Combined margin (insightface): f = cos(m1 theta + m2) - m3, monotonic past m1 theta + m2 = pi.
 
     m1 = 1, m2 = 0 is CosFace; m2 = m3 = 0 is SphereFace. With m1 = 1, m3 = 0 it equals
@@ -103,27 +96,19 @@ class CombinedMargin(MarginHead):
     rather than ArcFace's stepped fallback. Defaults: insightface's MS1M/Glint360K recipe.
     """
 
-    def __init__(
-        self,
-        embedding_size: int,
-        num_classes: int,
-        scale: ScalePolicy,
-        m1: float = 1.0,
-        m2: float = 0.3,
-        m3: float = 0.2,
-    ):
+    def __init__(self, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2):
         if not (m1 >= 1 and 0 <= m2 < math.pi / 2 and 0 <= m3 < 1):
             raise ValueError(
                 f"CombinedMargin margins must satisfy m1 >= 1, 0 <= m2 < pi/2 (radians), 0 <= m3 < 1; "
                 f"got m1={m1}, m2={m2}, m3={m3}"
             )
-        super().__init__(embedding_size, num_classes, scale, m1=float(m1), m2=float(m2), m3=float(m3))
+        super().__init__(m1=float(m1), m2=float(m2), m3=float(m3))
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return monotonic_cos(self.m1 * angle(cos_target) + self.m2) - self.m3
 
 
-class SphereFace(MarginHead):
+class SphereFace(Margin):
     """Multiplicative angular margin (Liu et al. 2017) on normalised features: f = cos(m1 theta).
 
     Continued past m1 theta = pi by `monotonic_cos`. m1 may be an integer (4 in the paper,
@@ -131,10 +116,10 @@ class SphereFace(MarginHead):
     setting for normalised features and a scale s.
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, scale: ScalePolicy, m1: float = 1.35):
+    def __init__(self, m1: float = 1.35):
         if not m1 >= 1:
             raise ValueError(f"SphereFace margin m1 must be >= 1, got {m1}")
-        super().__init__(embedding_size, num_classes, scale, m1=float(m1))
+        super().__init__(m1=float(m1))
 
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return monotonic_cos(self.m1 * angle(cos_target))

@@ -1,11 +1,12 @@
 """Scale policies: how the logit scale s is chosen. This file is where s is computed.
 
-A policy is bound to its head at construction (`policy.bind(head)`), which gives
-it the number of classes and the margin's target function f, so neither is typed
-twice in the configs. `policy.value` is the current s as a float; calling the
-policy with the batch's cosines returns the s to multiply the logits with.
+A policy is bound to its head at construction (`policy.bind(num_classes, margin)`),
+which gives it the number of classes and the margin's target function f, so neither
+is typed twice in the configs. `policy.value` is the current s as a float;
+`policy.step(...)`, called by the loss with the batch's cosines, returns the s to
+multiply this step's logits with.
 
-The theory (docs/scale.md): with the other C - 1 classes at 90 degrees, the target
+The theory (docs/research/scale.md): with the other C - 1 classes at 90 degrees, the target
 probability as a function of the target angle is
 
     P(theta) = e^{s f(theta)} / (e^{s f(theta)} + C - 1) = sigmoid(s f(theta) - ln(C - 1)),
@@ -16,35 +17,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from facerec.heads.angles import angle
-from facerec.heads.margin_loss import row_block
+from facerec.heads.blocks import row_block
+
+if TYPE_CHECKING:
+    from facerec.heads.centres import ClassCentres
+    from facerec.heads.margin import Margin
 
 CRITERIA = ("half", "inflection")
 
 
 class ScalePolicy(nn.Module):
-    """Base class. Subclasses implement `value`; adaptive ones (`adaptive = True`) also
-    `nontarget_log_sums` and `update`, which the head calls every training step."""
+    """Base class. Subclasses implement `value`; adaptive ones override `step`, which the loss calls
+    every training step."""
 
     num_classes: int | None = None
-    adaptive = False
 
-    def bind(self, head: nn.Module) -> None:
-        """Called once by the head that owns this policy, after its margin parameters are set."""
-        if self.num_classes is not None and self.num_classes != head.num_classes:
+    def bind(self, num_classes: int, margin: Margin) -> None:
+        """Called once by the head that owns this policy, with its class count and margin."""
+        if self.num_classes is not None and self.num_classes != num_classes:
             raise ValueError(
                 f"{type(self).__name__} was built for num_classes={self.num_classes} but its head has "
-                f"num_classes={head.num_classes}; state the class count once (in the dataset config)."
+                f"num_classes={num_classes}; state the class count once (in the dataset config)."
             )
-        self.num_classes = head.num_classes
+        self.num_classes = num_classes
 
     @property
     def value(self) -> float:
         raise NotImplementedError
+
+    def step(
+        self, cosine: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor, centres: ClassCentres
+    ) -> float | torch.Tensor:
+        """The s of a training step. cosine: this process's (N, m) columns before the margin; labels:
+        each row's target column, -1 where another rank holds it; target_cosine: (N,) over all shards;
+        centres: the head's class centres (their reductions over shards and the global batch)."""
+        return self.value
 
     def extra_repr(self) -> str:
         try:
@@ -146,9 +159,9 @@ class AutoScale(ScalePolicy):
         _check_scale_args(num_classes, self.theta0, criterion)  # fail at build time, not at bind
         self._value: float | None = None
 
-    def bind(self, head: nn.Module) -> None:
-        super().bind(head)
-        target_logit = head.target_logit if self.margin_aware else None
+    def bind(self, num_classes: int, margin: Margin) -> None:
+        super().bind(num_classes, margin)
+        target_logit = margin.target_logit if self.margin_aware else None
         self._value = auto_scale(self.num_classes, self.theta0, self.criterion, target_logit)
 
     @property
@@ -184,8 +197,8 @@ class RelativeScale(AutoScale):
         super().__init__(theta0, criterion, num_classes)
         self.factor = float(factor)
 
-    def bind(self, head: nn.Module) -> None:
-        super().bind(head)
+    def bind(self, num_classes: int, margin: Margin) -> None:
+        super().bind(num_classes, margin)
         self._value *= self.factor
 
     def extra_repr(self) -> str:
@@ -210,12 +223,10 @@ class DynamicScale(ScalePolicy):
     paper's unbounded rule.
 
     The reductions are split so that every head, dense or class-sharded, makes them global the
-    same way (`MarginHead.step_scale`): `nontarget_log_sums` covers the classes this process holds
-    (the head combines the shards' values by a log-sum-exp), `update` applies the rule to the
-    statistics of the whole batch.
+    same way (`step`): `nontarget_log_sums` covers the classes this process holds (the class centres
+    combine the shards' values by a log-sum-exp), `update` applies the rule to the statistics of the
+    whole batch.
     """
-
-    adaptive = True
 
     def __init__(self, theta0: float = math.pi / 4, num_classes: int | None = None, max_scale: float | None = None):
         super().__init__()
@@ -227,8 +238,8 @@ class DynamicScale(ScalePolicy):
         self.max_scale = max_scale
         self.register_buffer("s", torch.tensor(math.nan))
 
-    def bind(self, head: nn.Module) -> None:
-        super().bind(head)
+    def bind(self, num_classes: int, margin: Margin) -> None:
+        super().bind(num_classes, margin)
         start = auto_scale(self.num_classes, self.theta0)
         self.s_max = start if self.max_scale is None else float(self.max_scale)
         self.s.fill_(min(start, self.s_max))
@@ -238,6 +249,13 @@ class DynamicScale(ScalePolicy):
         if self.num_classes is None:
             raise RuntimeError("DynamicScale is not bound to a head yet (num_classes unknown)")
         return float(self.s)
+
+    def step(
+        self, cosine: torch.Tensor, labels: torch.Tensor, target_cosine: torch.Tensor, centres: ClassCentres
+    ) -> torch.Tensor:
+        log_sums = centres.log_sum_exp_over_shards(self.nontarget_log_sums(cosine, labels))
+        rows = centres.batch_rows(torch.stack([log_sums, target_cosine.detach().to(log_sums.dtype)], dim=1))
+        return self.update(rows[:, 0], rows[:, 1])
 
     @torch.no_grad()
     def nontarget_log_sums(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

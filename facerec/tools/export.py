@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig
 from torch import nn
 
-from facerec.training.checkpoints import load_backbone
+from facerec.backbones.weights import load_backbone
 
 log = logging.getLogger(__name__)
 

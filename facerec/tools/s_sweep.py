@@ -1,16 +1,17 @@
 """The s-sweep view (experiment=s_star): does the held-out-optimal s move with ln(C - 1)?
 
-    python -m facerec.tools.compare <multirun dirs> --s-sweep --name s_star --out docs/figures
+    python -m facerec.tools.s_sweep <multirun dirs> --name s_star --out docs/research/figures
 
 For each class count C and head, held-out AUC and accuracy (mean +- std over seeds) against a
 fixed-s grid; s*(C) fitted as a quadratic in ln s around the best grid point, with a bootstrap
 interval over seeds; then s*(C) against ln(C - 1) with the formula's line (theta0 = 45 deg, slope
 1/cos theta0 = 1.414) and the inflection criterion, and the fitted slope, intercept and the theta0
-they imply. Raw losses are never compared across s. Runs are read as facerec.tools.compare reads
-them (csv/metrics.csv and .hydra/ of every run).
+they imply. Raw losses are never compared across s. Runs are read by facerec.tools.runs
+(csv/metrics.csv and .hydra/ of every run).
 """
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import textwrap
@@ -23,9 +24,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from facerec.heads.scale import auto_scale
-from facerec.tools.compare import (
-    DEFAULT_METRIC, SEED_KEYS, TRAIN_TAIL, Run, _format, _markdown, _mean_std, load_runs, median_grad_norm,
-)  # fmt: skip
+from facerec.tools.markdown import format_mean_std, markdown
+from facerec.tools.runs import DEFAULT_METRIC, SEED_KEYS, TRAIN_TAIL, Run, load_runs, mean_std, median_grad_norm
 
 
 GRID_POLICIES = frozenset({"relative", "fixed", "fixed64"})  # scale= choices whose s never moves: the grid
@@ -40,7 +40,6 @@ FIT_HALF_WIDTH = 2  # s* is fitted to the best grid point and up to 2 neighbours
 # between two seeds here, and the standard error of AUC on LFW DevTest's 999 pairs (~0.9 pp).
 NEAR_BEST = 0.01
 BOOTSTRAP_SAMPLES = 2000
-_IMAGES_LOGGED = re.compile(r": (\d+) images of (\d+) identities")  # facerec.data.image_folder's log line
 SWEEP_METRICS = {"auc": "held-out AUC", "accuracy": "held-out accuracy"}
 TAR_FAR = "1e-02"  # the TAR column: LFW DevTest's 499 different pairs cannot measure FAR = 1e-3
 
@@ -100,7 +99,8 @@ def _final_over_sets(run: Run, metric: str) -> tuple[float, float]:
 
 def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     """Read a run's curve from its saved config (.hydra/config.yaml: C) and Hydra's choices
-    (.hydra/hydra.yaml: dataset, head, scale), and its values from its CSV log."""
+    (.hydra/hydra.yaml: dataset, head, scale), and its values, the training images among them
+    (`data/train_images`, logged by train.py), from its CSV log."""
     config_file, hydra_file = run.path / ".hydra" / "config.yaml", run.path / ".hydra" / "hydra.yaml"
     for file in (config_file, hydra_file):
         if not file.is_file():
@@ -110,10 +110,9 @@ def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     num_classes = OmegaConf.select(config, "dataset.num_classes")
     if not isinstance(num_classes, int):
         raise ValueError(f"{config_file}: dataset.num_classes must be an integer, got {num_classes!r}")
-    log_file = run.path / "train.log"
-    logged = _IMAGES_LOGGED.findall(log_file.read_text(errors="replace")) if log_file.is_file() else []
-    per_class = OmegaConf.select(config, "dataset.train.images_per_class")
-    train_images = int(logged[-1][0]) if logged else (int(per_class) * num_classes if per_class else None)
+    logged = run.final("data/train_images")
+    per_class = OmegaConf.select(config, "dataset.train.images_per_class")  # runs from before train.py logged it
+    train_images = int(logged) if not math.isnan(logged) else (int(per_class) * num_classes if per_class else None)
     auc, auc_rise = _final_over_sets(run, "auc")
     extras = ",".join(
         f"{key}={run.overrides[key]}"
@@ -148,7 +147,7 @@ class SweepPoint:
     runs: list[SweepRun]
 
     def mean_std(self, key: str) -> tuple[float, float]:
-        return _mean_std([run.values[key] for run in self.runs])
+        return mean_std([run.values[key] for run in self.runs])
 
     @property
     def plateaued(self) -> bool | None:
@@ -334,7 +333,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
         def at(point: SweepPoint | None, metric: str, with_s: bool = False) -> str:
             if point is None:
                 return "–"
-            text = _format(*point.mean_std(metric), 100)
+            text = format_mean_std(*point.mean_std(metric), 100)
             return f"{text} ({point.s:.2f})" if with_s else text
 
         def near_best(metric: str) -> str:  # "0.25–1.00 (6 of 11)": the range of factors, and how many points
@@ -347,18 +346,18 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
         def lost(metric: str) -> str:  # the best grid point's mean minus the auto scale's
             if at_auto is None or best[metric] is None:
                 return "–"
-            return _format(best[metric].mean_std(metric)[0] - at_auto.mean_std(metric)[0], math.nan, 100)
+            return format_mean_std(best[metric].mean_std(metric)[0] - at_auto.mean_std(metric)[0], math.nan, 100)
 
         rows.append([
             curve.name, f"{curve.num_classes:,}", f"{curve.train_images:,}" if curve.train_images else "–",
             f"{math.log(curve.num_classes - 1):.3f}",
             f"{curve.s_auto:.2f} / {auto_scale(curve.num_classes, THETA0, 'inflection'):.2f}", str(seeds),
-            _interval(curve.peaks["auc"]), _format(curve.peaks["auc"][0] / curve.s_auto, math.nan, digits=2),
+            _interval(curve.peaks["auc"]), format_mean_std(curve.peaks["auc"][0] / curve.s_auto, math.nan, digits=2),
             near_best("auc"), _interval(curve.peaks["accuracy"]), near_best("accuracy"),
             at(at_auto, "auc"), at(best["auc"], "auc", True), at(at_auto, "accuracy"), at(best["accuracy"], "accuracy", True),
             f"{lost('auc')} / {lost('accuracy')}",
         ])  # fmt: skip
-    sections = ["### s*(C)", _markdown(header, rows)]
+    sections = ["### s*(C)", markdown(header, rows)]
 
     header = ["family", "s* from", "C values fitted", "slope [95 %]", "intercept [95 %]", "θ0 implied (cos θ0 = 1/slope)"]
     rows = [
@@ -370,7 +369,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
         [name, "prediction", "–", f"{slope:.3f}", f"{intercept:.2f}", f"{math.degrees(math.acos(1 / slope)):.1f}°"]
         for name, slope, intercept in formula_lines(curves)
     ]
-    sections += ["### s*(C) against ln(C − 1)", _markdown(header, rows)]
+    sections += ["### s*(C) against ln(C − 1)", markdown(header, rows)]
 
     window = f"last {PLATEAU_WINDOW:.0%} (pp)"
     header = ["curve", "point", "s", "runs", "AUC (%)", "accuracy (%)", f"TAR@FAR={TAR_FAR} (%)", "train top-1 end (%)", "θ_med end (°)",
@@ -380,13 +379,13 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
     for curve in curves:
         for point in [*curve.grid, *curve.references]:
             rows.append([
-                curve.name, point.label, f"{point.s:.2f}", str(len(point.runs)), _format(*point.mean_std("auc"), 100),
-                _format(*point.mean_std("accuracy"), 100), _format(*point.mean_std("tar"), 100),
-                _format(*point.mean_std("top1"), 100),
-                _format(*point.mean_std("theta_med")), _format(*point.mean_std("p_target"), spec="e"),
-                _format(*point.mean_std("grad_norm"), digits=2),
-                _format(*point.mean_std("auc_rise"), 100), _format(*point.mean_std("accuracy_rise"), 100),
-                _format(*point.mean_std("top1_rise"), 100), {True: "yes", False: "**no**", None: "–"}[point.plateaued],
+                curve.name, point.label, f"{point.s:.2f}", str(len(point.runs)), format_mean_std(*point.mean_std("auc"), 100),
+                format_mean_std(*point.mean_std("accuracy"), 100), format_mean_std(*point.mean_std("tar"), 100),
+                format_mean_std(*point.mean_std("top1"), 100),
+                format_mean_std(*point.mean_std("theta_med")), format_mean_std(*point.mean_std("p_target"), spec="e"),
+                format_mean_std(*point.mean_std("grad_norm"), digits=2),
+                format_mean_std(*point.mean_std("auc_rise"), 100), format_mean_std(*point.mean_std("accuracy_rise"), 100),
+                format_mean_std(*point.mean_std("top1_rise"), 100), {True: "yes", False: "**no**", None: "–"}[point.plateaued],
             ])  # fmt: skip
     checked = [p.plateaued for curve in curves for p in [*curve.grid, *curve.references] if p.plateaued is not None]
     sections += [
@@ -395,7 +394,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
         f"rose by less than {PLATEAU_RISE * 100:.0f} pp (the last validation minus the last one at or before "
         f"{1 - PLATEAU_WINDOW:.0%} of the steps); train top-1 is the mean over {TRAIN_TAIL:.0%} of the steps at each "
         f"end of that window. It holds for {sum(checked)} of the {len(checked)} points validated often enough to tell.",
-        _markdown(header, rows),
+        markdown(header, rows),
     ]
     return "\n\n".join(sections)
 
@@ -536,3 +535,21 @@ def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep") ->
         "Lines are fitted to the bracketed s* only.\n\n" + tables + "\n"
     )
     return paths, tables
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m facerec.tools.s_sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories of experiment=s_star (or single run dirs)")
+    parser.add_argument("--out", type=Path, help="where to write the figures and the tables (default: the first dir)")
+    parser.add_argument("--name", default="s_sweep", help="file name stem of the figures and tables (default: s_sweep)")
+    args = parser.parse_args(argv)
+    try:
+        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"facerec.tools.s_sweep: {error}") from None
+    print(tables)
+    print(f"\nwrote {', '.join(map(str, paths[:-1]))} and {paths[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,10 +25,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from facerec.backbones.weights import load_backbone
+from facerec.checkpoint_files import load_checkpoint
 from facerec.data.decode import image_tensor
 from facerec.data.encoded import EncodedImages
-from facerec.heads import SubCenterArcFace
-from facerec.training.checkpoints import load_backbone, load_checkpoint
+from facerec.heads import MarginHead, SubCenterArcFace, dominant_centres_and_outliers
 
 
 @dataclass
@@ -69,11 +70,14 @@ class UnaugmentedImages(Dataset):
         return image, label, ""
 
 
-def load_subcenter_run(ckpt_path: str | Path) -> tuple[nn.Module, SubCenterArcFace, dict]:
-    """(backbone in eval mode, Sub-center ArcFace head with the checkpoint's centres, run config)."""
+def load_subcenter_run(ckpt_path: str | Path) -> tuple[nn.Module, MarginHead, dict]:
+    """(backbone in eval mode, the Sub-center ArcFace head with the checkpoint's centres, run config)."""
     backbone, config = load_backbone(ckpt_path)
-    head = instantiate(config["head"], scale=instantiate(config["scale"]))
-    if not isinstance(head, SubCenterArcFace):
+    # checkpoints written before the head was split state the sizes in the head's config too
+    margin_config = {key: value for key, value in config["head"].items() if key not in ("embedding_size", "num_classes")}
+    margin = instantiate(margin_config)
+    head = MarginHead(config["model"]["embedding_size"], config["dataset"]["num_classes"], margin, instantiate(config["scale"]))
+    if not isinstance(margin, SubCenterArcFace):
         raise ValueError(
             f"{ckpt_path}: its head is {config['head']['_target_']}, not facerec.heads.SubCenterArcFace; "
             "outliers are defined by the sub-centres of a head=subcenter_arcface run"
@@ -140,7 +144,7 @@ def find_outliers(
         )
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     embeddings, labels, sources = embed_training_set(backbone, train_set, batch_size, num_workers, device)
-    dominant, angle_deg, outlier = head.dominant_centres_and_outliers(embeddings, labels, threshold_deg)
+    dominant, angle_deg, outlier = dominant_centres_and_outliers(head, embeddings, labels, threshold_deg)
     csv_path = Path(output) if output else ckpt_path.with_name(ckpt_path.name + ".outliers.csv")
     write_csv(csv_path, labels, sources, angle_deg, outlier)
     return Outliers(csv_path, labels, dominant, angle_deg, outlier)

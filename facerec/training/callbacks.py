@@ -9,13 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from facerec import distributed
-from facerec.training.checkpoints import LAST
-from facerec.training.cluster import requeue_slurm_job
+from facerec import distributed, lightning_compat
+from facerec.checkpoint_files import LAST
+from facerec.cluster import requeue_slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +68,7 @@ class PreemptionCheckpoint(L.Callback):
         # After Lightning's handlers are registered (it restores the original ones when fit ends).
         self._trainer = trainer
         signal.signal(signal.SIGTERM, self._note)
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-            epoch_loop._broadcast_sigterm_tensor = lambda: None  # replaced by this callback's agreed check
+        lightning_compat.disable_sigterm_broadcast(trainer)  # replaced by this callback's agreed check
 
     def _save(self, trainer: L.Trainer) -> None:
         if self._saved_at_step != trainer.global_step:
@@ -90,14 +87,9 @@ class PreemptionCheckpoint(L.Callback):
         if not stop:
             return
         self._save(trainer)
-        if requeue and trainer.is_global_zero and _requeues(trainer):
+        if requeue and trainer.is_global_zero and lightning_compat.requeues_slurm_job(trainer):
             requeue_slurm_job()
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is None:
-            raise SIGTERMException()
-        # Lightning's own SIGTERM stop, on every rank at once: it raises after this batch's metrics
-        # are written (raising here would lose them), and a validation due now stops at its start.
-        connector.received_sigterm = True
+        lightning_compat.stop_after_batch(trainer)  # Lightning's own SIGTERM stop, on every rank at once
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM before training started (Lightning's own handler was in charge): save where it stopped.
@@ -112,12 +104,6 @@ def _on_any_rank(trainer: L.Trainer, *flags: bool) -> list[bool]:
     # to the device without waiting for it (a copy from host memory queued on its stream), read once
     flags = torch.tensor(flags).to(trainer.strategy.root_device, non_blocking=True)
     return distributed.any_rank(flags).tolist()
-
-
-def _requeues(trainer: L.Trainer) -> bool:
-    # the environment Lightning's own signal handling reads (a single-device strategy has none of its own)
-    environment = trainer._accelerator_connector.cluster_environment
-    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
 
 
 class WeightEMA(EMAWeightAveraging):

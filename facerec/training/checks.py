@@ -8,11 +8,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from facerec.data import FaceDataModule
+from facerec.evaluation.evalsets import check_image_size
 from facerec.training.module import FaceRecognitionModule
 
 
 def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModule) -> None:
-    """The head fits the data's classes and the backbone's embeddings; the backbone takes the images."""
+    """The head fits the data's classes and the backbone's embeddings; the backbone takes the training
+    images and those of the validation sets."""
     head = module.head
     if head.num_classes != datamodule.num_classes:
         raise ValueError(
@@ -42,6 +44,9 @@ def check_data_and_model(datamodule: FaceDataModule, module: FaceRecognitionModu
         )
     if not 0 <= int(label) < head.num_classes:
         raise ValueError(f"the first training label is {int(label)}, outside [0, {head.num_classes}) (dataset.num_classes)")
+    size = tuple(image.shape[1:])
+    for name, image_set in datamodule.val_sets.items():
+        check_image_size(image_set, name, size[0], f"the backbone (training images {tuple(image.shape)})")
 
 
 def check_precision(trainer: L.Trainer, module: FaceRecognitionModule) -> None:

@@ -1,4 +1,4 @@
-"""Build the data, model, head and trainer from a Hydra config and train."""
+"""Build the data, model, head, validation protocols and trainer from a Hydra config, and train."""
 from __future__ import annotations
 
 import inspect
@@ -18,17 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from facerec.backbones.registry import TRAINING_INIT_KEYS
-from facerec.training.checkpoints import (
-    LAST,
-    build_backbone,
-    checkpoint_config,
-    find_last_checkpoint,
-    initialise_backbone,
-    load_checkpoint,
-)
-from facerec.training.checks import check_data_and_model, check_launch, check_precision
-from facerec.training.cluster import slurm_job_id
+from facerec.backbones.weights import build_backbone, initialise_backbone
+from facerec.checkpoint_files import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.cluster import slurm_job_id
 from facerec.config import instantiate_all
+from facerec.evaluation import EvaluationProtocol
+from facerec.evaluation.evalsets import build_protocols, compose_evalsets, unnamed_overrides
+from facerec.heads import MarginHead
+from facerec.training.checks import check_data_and_model, check_launch, check_precision
 from facerec.training.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -42,35 +39,46 @@ def configure_torch(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision(cfg.torch.matmul_precision)
 
 
-def read_num_classes(cfg: DictConfig) -> None:
-    """Fill in dataset.num_classes when it is left out (null or absent): read once from the training
-    data, before anything is built, by the training set's class: a class whose class count is in its
-    data offers a classmethod `count_classes`, called with the training config's entries it names
-    (ImageFolderDataset: the identity folders holding images; RecordDataset: the `property` file).
-    A stated count is left as it is; the training set checks it against its data. The number read is
-    written into the config Hydra saved in the run dir, so the run's saved config states it."""
-    if OmegaConf.select(cfg, "dataset.num_classes") is not None:
-        return
-    train_config = cfg.dataset.train
-    count_classes = getattr(get_class(train_config._target_), "count_classes", None)
-    if count_classes is None:
+def count_classes(dataset_config: DictConfig) -> int:
+    """The class count of a dataset config's training data, read by the training set's class: a class
+    whose class count is in its data offers a classmethod `count_classes`, called with the training
+    config's entries it names (ImageFolderDataset: the identity folders holding images; RecordDataset:
+    the `property` file)."""
+    train_config = dataset_config.train
+    counter = getattr(get_class(train_config._target_), "count_classes", None)
+    if counter is None:
         raise ValueError(
             f"dataset.num_classes is not set, and the training set {train_config._target_} cannot read its class "
             "count from its data: state dataset.num_classes=<number of classes>"
         )
-    arguments = {name: train_config[name] for name in inspect.signature(count_classes).parameters if name in train_config}
-    num_classes = int(count_classes(**arguments))
+    arguments = {name: train_config[name] for name in inspect.signature(counter).parameters if name in train_config}
+    return int(counter(**arguments))
+
+
+def fill_num_classes(cfg: DictConfig) -> None:
+    """Fill in dataset.num_classes from the training data when it is left out (null or absent), once,
+    before anything is built; a stated count is left as it is (the training set checks it against
+    its data). The count read is recorded in the config Hydra saved in the run dir."""
+    if OmegaConf.select(cfg, "dataset.num_classes") is not None:
+        return
+    num_classes = count_classes(cfg.dataset)
     with open_dict(cfg):
         cfg.dataset.num_classes = num_classes
-    log.info("dataset.num_classes = %d, read from the training data (%s)", num_classes, train_config.get("root", train_config._target_))
-    if HydraConfig.initialized() and HydraConfig.get().output_subdir is not None:
-        saved = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir / "config.yaml"
-        if saved.is_file():  # only the rank that saved it (the others run with hydra.output_subdir=null)
-            saved_config = OmegaConf.load(saved)
-            saved_config.dataset.num_classes = num_classes
-            temporary = saved.with_name(f".{saved.name}.tmp")
-            OmegaConf.save(saved_config, temporary)
-            os.replace(temporary, saved)  # never a half-written config
+    log.info("dataset.num_classes = %d, read from the training data (%s)", num_classes, cfg.dataset.train.get("root", cfg.dataset.train._target_))
+    record_in_saved_config("dataset.num_classes", num_classes)
+
+
+def record_in_saved_config(key: str, value) -> None:
+    """Set `key` in the config.yaml Hydra saved in this run's dir (where this rank saved one), atomically."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return
+    saved = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir / "config.yaml"
+    if saved.is_file():  # only the rank that saved it (the others run with hydra.output_subdir=null)
+        saved_config = OmegaConf.load(saved)
+        OmegaConf.update(saved_config, key, value)
+        temporary = saved.with_name(f".{saved.name}.tmp")
+        OmegaConf.save(saved_config, temporary)
+        os.replace(temporary, saved)  # never a half-written config
 
 
 def freeze(backbone: nn.Module, prefixes: str | Sequence[str]) -> list[str]:
@@ -114,10 +122,28 @@ def keep_in_eval_mode(names: list[str], backbone: nn.Module, args) -> None:
             backbone.get_submodule(name).eval()
 
 
-def build_module(cfg: DictConfig, load_weights: bool = True) -> FaceRecognitionModule:
-    """The module a run config describes. The backbone starts from model.weights when set (and
-    `load_weights`: a resumed run takes its weights from the checkpoint), then model.freeze applies."""
-    read_num_classes(cfg)
+def build_head(cfg: DictConfig) -> MarginHead:
+    """The head a run config describes: the margin (head=), the scale policy (scale=) and, with
+    sharding=partial_fc, Partial FC's class centres, for model.embedding_size and dataset.num_classes."""
+    num_classes = OmegaConf.select(cfg, "dataset.num_classes")
+    if num_classes is None:
+        raise ValueError("dataset.num_classes is not set: state it, or read it from the data first (fill_num_classes)")
+    stated = [key for key in ("embedding_size", "num_classes") if key in cfg.head]
+    if stated:  # a head config written for the layout before the head took its sizes at build time
+        raise ValueError(
+            f"head.{stated[0]}: a head config holds the margin's parameters only; the head's sizes are "
+            "model.embedding_size and dataset.num_classes, stated once there"
+        )
+    centres = {"centres": instantiate(cfg.sharding)} if cfg.get("sharding") else {}
+    return MarginHead(cfg.model.embedding_size, num_classes, instantiate(cfg.head), instantiate(cfg.scale), **centres)
+
+
+def build_module(
+    cfg: DictConfig, load_weights: bool = True, val_protocols: dict[str, EvaluationProtocol] | None = None
+) -> FaceRecognitionModule:
+    """The module a run config describes, validating on `val_protocols`. The backbone starts from
+    model.weights when set (and `load_weights`: a resumed run takes its weights from the checkpoint),
+    then model.freeze applies."""
     backbone = build_backbone(cfg.model)
     if cfg.model.get("weights") and load_weights:
         initialise_backbone(backbone, cfg.model, cfg.model.weights)
@@ -126,18 +152,31 @@ def build_module(cfg: DictConfig, load_weights: bool = True) -> FaceRecognitionM
         frozen = freeze(backbone, cfg.model.freeze)
         total = len(list(backbone.parameters()))
         log.info("model.freeze=%s: %d of the backbone's %d parameter tensors frozen", cfg.model.freeze, len(frozen), total)
-    head = instantiate(cfg.head, scale=instantiate(cfg.scale))
-    if cfg.get("sharding"):  # e.g. Partial FC: the head's class centres sharded over the ranks (same head)
-        head = instantiate(cfg.sharding, head)
     return FaceRecognitionModule(
         backbone,
-        head,
+        build_head(cfg),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         flip=cfg.flip,
         config=OmegaConf.to_container(cfg, resolve=True),
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
+        val_protocols=val_protocols,
     )
+
+
+def compose_val_sets(cfg: DictConfig) -> list[str]:
+    """Compose the configs of the evaluation sets val_sets names (conf/evalset/, as eval.py's
+    eval_sets) into cfg.evalset, and return the names. Per-set overrides of sets it does not name (an
+    experiment's, for its dataset's default sets) are left out."""
+    names = list(cfg.get("val_sets") or [])
+    unused = unnamed_overrides(cfg, names)
+    if unused:
+        log.info("evalset overrides for %s are not used: val_sets=%s does not name them", unused, names)
+        with open_dict(cfg):
+            for name in unused:
+                del cfg.evalset[name]
+    compose_evalsets(cfg, names, "val_sets")
+    return names
 
 
 def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
@@ -149,7 +188,7 @@ def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
     a method bound to this head and kept in its instance dict: parameters and checkpoint keys stay
     as they are, a deep copy binds the compiled function to the copy, and a pickled head comes back
     with the plain method (as nn.Module.compile's call does). What dynamo makes of it (graph breaks
-    inside MarginCrossEntropy, a backward that stays eager): docs/benchmarks.md.
+    inside MarginCrossEntropy, a backward that stays eager): docs/research/benchmarks.md.
     """
     kwargs = {key: options[key] for key in ("mode", "backend") if options.get(key) is not None}
     if options.get("backbone"):
@@ -211,7 +250,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train as configured; returns the final logged metrics (floats)."""
     configure_torch(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    read_num_classes(cfg)
+    fill_num_classes(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; Lightning reads the tensors
@@ -224,8 +263,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 cfg.logger.wandb.id = run_id  # continue the same W&B run
         log.info("resuming from %s (step %d)", ckpt_path, checkpoint.get("global_step", -1))
         del checkpoint
-    datamodule = instantiate(cfg.dataset)
-    module = build_module(cfg, load_weights=ckpt_path is None)
+    protocols = build_protocols(cfg, compose_val_sets(cfg))
+    # the dataset config names its default sets; the datamodule takes the image sets of those validated on
+    datamodule = instantiate(cfg.dataset, _partial_=True)(val_sets={name: p.image_set() for name, p in protocols.items()})
+    module = build_module(cfg, load_weights=ckpt_path is None, val_protocols=protocols)
     check_data_and_model(datamodule, module)
     compile_model(module, cfg.compile)  # after the checks: their eager CPU forward would compile a graph never used again
     loggers = instantiate_all(cfg.get("logger"))
@@ -234,6 +275,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_precision(trainer, module)
     for logger in loggers:
         logger.log_hyperparams(module.config)
+        # a fact of the run, not of a step: the tools read it (the s-sweep view's images per class)
+        logger.log_metrics({"data/train_images": float(len(datamodule.train_set))}, step=0)
     log.info("head: %s | s = %.4f", module.head, module.head.scale.value)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -251,12 +294,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+REPORTED = ("tar@far=1e-04", "auc", "rank1", "tpir@fpir=1e-01")  # the line of a set without an accuracy
+
+
 def report(metrics: dict[str, float], trainer: L.Trainer) -> None:
     lines = [f"finished after {trainer.global_step} steps; output: {trainer.default_root_dir}"]
-    for key in sorted(metrics):
-        if key.startswith("val/") and key.endswith("/accuracy"):
-            std = metrics.get(key + "_std", float("nan"))
-            lines.append(f"held-out verification {key[4:-9]}: accuracy {100 * metrics[key]:.2f}% ± {100 * std:.2f}%")
+    sets = dict.fromkeys(key.split("/")[1] for key in sorted(metrics) if key.count("/") >= 2 and key.startswith("val/"))
+    for name in sets:
+        accuracy = metrics.get(f"val/{name}/accuracy")
+        if accuracy is not None:
+            std = metrics.get(f"val/{name}/accuracy_std", float("nan"))
+            lines.append(f"held-out verification {name}: accuracy {100 * accuracy:.2f}% ± {100 * std:.2f}%")
+            continue
+        shown = [
+            f"{key} {metrics[f'val/{name}/{key}']:.4f}" if key == "auc" else f"{key} {100 * metrics[f'val/{name}/{key}']:.2f}%"
+            for key in REPORTED
+            if f"val/{name}/{key}" in metrics
+        ]
+        lines.append(f"held-out {name}: {', '.join(shown)}")
     checkpoint = getattr(trainer.checkpoint_callback, "best_model_path", "")
     if checkpoint:
         lines.append(f"best checkpoint: {checkpoint}")

@@ -1,28 +1,25 @@
-"""The LightningModule: backbone -> embedding -> margin head -> cross-entropy, plus verification."""
+"""The LightningModule: backbone -> embedding -> head (margin, class centres, scale) -> loss, and
+validation through the evaluation protocols eval.py runs."""
 from __future__ import annotations
 
 import logging
 import math
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from facerec import distributed
-from facerec.evaluation import VerificationMetric, embed, log_to_wandb
+from facerec import lightning_compat
+from facerec.evaluation import EvaluationMetric, EvaluationProtocol, embed, log_to_wandb, mean_accuracy
 from facerec.evaluation.embeddings import begin_cudagraph_step
 from facerec.heads import MarginHead
+from facerec.training.checkpoints import rng_states, set_rng_states
+from facerec.training.step_guard import NonFiniteStepGuard
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Raised after too many consecutive steps with a non-finite loss or gradient."""
 
 
 def total_grad_norm(parameters) -> torch.Tensor:
@@ -32,17 +29,17 @@ def total_grad_norm(parameters) -> torch.Tensor:
 
 class FaceRecognitionModule(L.LightningModule):
     """Trains `backbone` and `head` with the head's loss (`head.loss`: margin cross-entropy, dense or
-    class-sharded; the module never asks which).
+    class-sharded; the module never asks which), and validates on `val_protocols` (name -> evaluation
+    protocol, any kind: pairs, IJB templates, 1:N), logging `val/<name>/<metric>` for each.
 
     optimizer: a factory `params -> Optimizer` (Hydra `_partial_`); scheduler: an
     optional factory `(optimizer, total_steps) -> LRScheduler`, stepped per optimizer step.
-    flip: the flip-test mode for verification embeddings ("sum", "concat", "none").
+    flip: the flip-test mode for validation embeddings ("sum", "concat", "none").
     config: the resolved run config, saved in checkpoints so eval/export can
     rebuild the model without the original command line.
     max_consecutive_nonfinite: a step whose loss or gradient is not finite on any rank is skipped
-    on every rank and leaves the model exactly as it was (parameters, optimizer state and buffers:
-    BatchNorm statistics, the dynamic s, the margins' EMAs; with callbacks=ema, the weight average); it is counted and logged, and this many
-    in a row stop the run.
+    on every rank and leaves the model exactly as it was (facerec.training.step_guard); this many in
+    a row stop the run.
 
     Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
     of k micro-batches of B = dataset.batch_size samples, and Lightning divides each micro-batch's loss
@@ -70,6 +67,7 @@ class FaceRecognitionModule(L.LightningModule):
         flip: str = "sum",
         config: dict | None = None,
         max_consecutive_nonfinite: int = 20,
+        val_protocols: Mapping[str, EvaluationProtocol] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -78,27 +76,15 @@ class FaceRecognitionModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.flip = flip
         self.config = config
-        self.val_metrics = nn.ModuleDict()
+        self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
+        self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p) for name, p in (val_protocols or {}).items()})
         self.last_validation_step = -1
-        if max_consecutive_nonfinite < 1:
-            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
-        self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
-        # buffers: saved in checkpoints, so the counts survive a resume
-        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("consecutive_nonfinite", torch.zeros((), dtype=torch.long))
-        self._step_losses: list[torch.Tensor] = []  # the detached losses of this optimizer step's micro-batches
-        self.last_step_taken = True  # whether the last optimizer step changed the model (WeightEMA averages only those)
-        self._buffers_before_step: list[torch.Tensor] = []
+        self.register_load_state_dict_pre_hook(_rename_keys_of_earlier_modules)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
     # ----------------------------------------------------------------- training
-    def _should_log(self) -> bool:
-        # Lightning only writes step metrics every `log_every_n_steps`; skip the diagnostics otherwise.
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
-
     def _model_buffers(self) -> list[torch.Tensor]:
         """The buffers a training forward may change: BatchNorm statistics, the dynamic s, EMAs."""
         return [*self.backbone.buffers(), *self.head.buffers()]
@@ -113,36 +99,27 @@ class FaceRecognitionModule(L.LightningModule):
         start = batch_idx - batch_idx % accumulation
         batches = trainer.num_training_batches  # inf for a loader without a length: every step is taken as full
         micro_batches = accumulation if math.isinf(batches) else min(accumulation, int(batches) - start)
-        return batch_idx == start, not trainer.fit_loop._should_accumulate(), micro_batches
+        return batch_idx == start, lightning_compat.optimizer_steps_after_batch(trainer), micro_batches
 
-    def _step_loss(self) -> torch.Tensor:
-        """The mean loss of this optimizer step's micro-batches (non-finite if any of them is)."""
-        losses = self._step_losses
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+    @property
+    def last_step_taken(self) -> bool:
+        """Whether the last optimizer step changed the model (the weight EMA averages only those)."""
+        return self.step_guard.step_taken
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         begin_cudagraph_step()  # validation marks its steps, so CUDA graphs expect every loop to (compile.mode)
         first, last, micro_batches = self._micro_batch_position(batch_idx)
-        # A skipped step must leave the model as it was: a non-finite forward has already written
-        # NaN into every BatchNorm's running statistics by the time the loss shows it. Every
-        # micro-batch changes the buffers, so the copy is the state before the step's first one.
-        buffers = self._model_buffers()
-        if len(self._buffers_before_step) != len(buffers):  # the first step (or a resume mid-step): allocate the copies once
-            self._buffers_before_step = [buffer.clone() for buffer in buffers]
-        elif first:  # one fused multi-tensor copy, not one kernel per buffer (hundreds in an IResNet)
-            torch._foreach_copy_(self._buffers_before_step, buffers)
-        if first:
-            self._step_losses = []
-        should_log = last and self._should_log()  # once per optimizer step: Lightning writes its last value
+        self.step_guard.start_micro_batch(self._model_buffers(), first)
+        should_log = last and lightning_compat.logs_this_step(self.trainer)  # once per optimizer step
         loss, stats = self.head.loss(self.backbone(images), labels, statistics=should_log)
-        self._step_losses.append(loss.detach())
+        self.step_guard.record_loss(loss)
         if should_log:
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
             # The loss too only on logging steps (each self.log is Python work), and as a host copy:
             # Lightning reads every progress-bar value with .item() after each step from then on,
             # which for a GPU tensor would be a device sync per step.
-            self.log("train/loss", self._step_loss().cpu(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss", self.step_guard.step_loss().cpu(), on_step=True, on_epoch=False, prog_bar=True)
         accumulation = self.trainer.accumulate_grad_batches
         if micro_batches < accumulation:  # Lightning divides by k: the epoch's short last step averages its m
             loss = loss * (accumulation / micro_batches)
@@ -151,53 +128,17 @@ class FaceRecognitionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grad_backbone = total_grad_norm(self.backbone.parameters())
         grad_head = total_grad_norm(self.head.parameters())
-        step_loss = self._step_loss()
-        finite = torch.isfinite(step_loss)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None:
-            finite &= torch.isfinite(grad_backbone + grad_head)
-        else:
-            # Under fp16 the GradScaler owns overflowing gradients: it skips the step and lowers its
-            # scale, which is no failure. Its decision is made global here (a class shard's gradients
-            # exist on one rank only), and the buffers are restored when it skips.
-            found_inf = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-            overflow = distributed.any_rank(sum(v.to(finite.device) for v in found_inf.values()) > 0)
-            for value in found_inf.values():
-                value.copy_(overflow)
-        finite = distributed.all_ranks(finite)  # each rank sees only its shard's or its batch's values
-        stepping = finite & ~overflow if scaler is not None else finite
-        finite, step_taken = torch.stack([finite, stepping]).tolist()  # one host sync per step, as a GradScaler does
-        self.last_step_taken = step_taken
-        if not step_taken:
-            self._restore_buffers()
-        if finite:
-            self.consecutive_nonfinite.zero_()
-        else:
-            self._skip_step(optimizer, step_loss)
-        if self._should_log():
+
+        def describe(loss: torch.Tensor) -> str:
+            lr = optimizer.param_groups[0]["lr"]
+            return f"step {self.global_step}: loss={loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
+
+        self.step_guard.check(self.trainer, optimizer, grad_backbone + grad_head, self._model_buffers(), describe)
+        if lightning_compat.logs_this_step(self.trainer):
             # s multiplies the gradient like a learning-rate factor: log it when comparing scales.
             self.log("train/grad_norm_backbone", grad_backbone)
             self.log("train/grad_norm_head", grad_head)
-            self.log("train/nonfinite_steps", self.nonfinite_steps.float())
-
-    def _restore_buffers(self) -> None:
-        with torch.no_grad():
-            torch._foreach_copy_(self._model_buffers(), self._buffers_before_step)
-
-    def _skip_step(self, optimizer, step_loss: torch.Tensor) -> None:
-        # Optimizers leave parameters whose grad is None untouched (no momentum, no weight decay).
-        optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_steps += 1
-        self.consecutive_nonfinite += 1
-        lr = optimizer.param_groups[0]["lr"]
-        detail = f"step {self.global_step}: loss={step_loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
-        log.warning("non-finite loss or gradient, step skipped (%s)", detail)
-        if int(self.consecutive_nonfinite) >= self.max_consecutive_nonfinite:
-            raise NonFiniteTrainingError(
-                f"training stopped: {int(self.consecutive_nonfinite)} consecutive steps had a non-finite loss or "
-                f"gradient (last at {detail}). Parameters are unchanged since the last finite step; lower the "
-                "learning rate or the scale s, check the data, or raise max_consecutive_nonfinite."
-            )
+            self.log("train/nonfinite_steps", self.step_guard.nonfinite_steps.float())
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
@@ -231,9 +172,12 @@ class FaceRecognitionModule(L.LightningModule):
     # --------------------------------------------------------------- validation
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        for name, val_set in getattr(datamodule, "val_sets", {}).items():
-            if name not in self.val_metrics:
-                self.val_metrics[name] = VerificationMetric.for_set(val_set)
+        loaders = list(getattr(datamodule, "val_sets", {}))
+        if datamodule is not None and loaders != list(self.val_metrics):
+            raise ValueError(
+                f"the datamodule's validation sets {loaders} are not the module's evaluation sets {list(self.val_metrics)}; "
+                "build both from the same val_sets (facerec.training.fit.train)"
+            )
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
         images, indices = batch
@@ -245,18 +189,18 @@ class FaceRecognitionModule(L.LightningModule):
             for metric in self.val_metrics.values():
                 metric.reset()
             return
-        results = {}
+        evaluations = {}
         for name, metric in self.val_metrics.items():
-            results[name] = metric.compute()  # gathers every rank's embeddings first
+            evaluations[name] = metric.compute()  # gathers every rank's embeddings first
             metric.reset()
-            for key, value in results[name].summary().items():
-                # equal on every rank (the metric gathered all pairs); sync_dist only states it
+            for key, value in evaluations[name].summary().items():
+                # equal on every rank (the metric gathered all images); sync_dist only states it
                 self.log(f"val/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
-        if results:
-            accuracy_mean = sum(r.accuracy for r in results.values()) / len(results)
+        accuracy_mean = mean_accuracy(evaluations)
+        if accuracy_mean is not None:
             self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
-            if self.trainer.is_global_zero:
-                log_to_wandb(self.loggers, results, self.global_step)  # ROC plot and per-set table
+        if evaluations and self.trainer.is_global_zero:
+            log_to_wandb(self.loggers, evaluations, self.global_step)  # per-kind tables, ROC and CMC
         self.last_validation_step = self.global_step
 
     # ----------------------------------------------------------- class sharding
@@ -268,9 +212,9 @@ class FaceRecognitionModule(L.LightningModule):
         if ignored:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
 
-    def _head_weight_index(self) -> int:
+    def _centres_index(self) -> int:
         # The class centres' key in the optimizer state: configure_optimizers passes self.parameters().
-        return next(i for i, p in enumerate(self.parameters()) if p is self.head.weight)
+        return next(i for i, p in enumerate(self.parameters()) if p is self.head.centres.weight)
 
     # -------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -280,7 +224,7 @@ class FaceRecognitionModule(L.LightningModule):
             if type(logger).__name__ == "WandbLogger" and logger.version:
                 checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
         # every rank runs this; a sharded head sends its rows' optimizer state to rank 0, which writes the file
-        self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
+        self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._centres_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
@@ -290,50 +234,13 @@ class FaceRecognitionModule(L.LightningModule):
             checkpoint["state_dict"] = checkpoint["current_model_state"]
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
-        # the weights re-shard in MarginHead._load_from_state_dict, the optimizer state here
-        self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._head_weight_index())
+        # the weights re-shard as the class centres load them, the optimizer state here
+        self.head.shard_optimizer_state(checkpoint.get("optimizer_states", []), self._centres_index())
 
 
-def _local_rng_state() -> dict:
-    """This process's RNG states as tensors and builtin types (checkpoints stay weights-only loadable);
-    "cuda": the generator of this process's own device only (None where CUDA is not in use)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
-        "python": random.getstate(),
-    }
-
-
-def rng_states() -> dict:
-    """Every rank's RNG states, in rank order (every rank calls this; rank 0 writes the checkpoint)."""
-    return {"ranks": distributed.all_gather_object(_local_rng_state())}
-
-
-def set_rng_states(states: dict) -> None:
-    """Restore this rank's RNG states. A checkpoint written by fewer ranks than resume it leaves the
-    extra ranks with their freshly seeded generators (logged: their draws are not the ones of the
-    interrupted run); one written by more ranks gives each rank its own. Checkpoints of earlier
-    versions hold rank 0's states and `get_rng_state_all()` of every visible device: this device's
-    entry is taken where it exists."""
-    rank = distributed.world()[0]
-    if "ranks" in states:
-        if rank >= len(states["ranks"]):
-            log.warning(
-                "the checkpoint holds the RNG states of %d ranks; rank %d keeps its seeded generators",
-                len(states["ranks"]), rank,
-            )
-            return
-        states = states["ranks"][rank]
-        cuda = states["cuda"]
-    else:  # before per-rank states: rank 0's, and the CUDA state of every device rank 0 saw
-        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        cuda = states["cuda"][device] if device < len(states["cuda"]) else None
-    torch.set_rng_state(states["torch"])
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-    kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
+def _rename_keys_of_earlier_modules(module: FaceRecognitionModule, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints written before the step guard had a module of its own keep its counters at the
+    top level: move them, so such checkpoints resume."""
+    for name in ("nonfinite_steps", "consecutive_nonfinite"):
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}step_guard.{name}"] = state_dict.pop(prefix + name)

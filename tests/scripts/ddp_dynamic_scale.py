@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from facerec.heads import CosFace, DynamicScale
+from facerec.heads import CosFace, DynamicScale, MarginHead
 
 WORLD_SIZE, BATCH, STEPS = 2, 16, 3
 
@@ -37,7 +37,7 @@ class HeadLoss(nn.Module):
 
 def problem() -> tuple[CosFace, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    head = CosFace(8, 30, scale=DynamicScale(max_scale=math.inf), m=0.35)  # uncapped: s moves every step
+    head = MarginHead(8, 30, CosFace(m=0.35), DynamicScale(max_scale=math.inf))  # uncapped: s moves every step
     return head, torch.randn(BATCH, 8), torch.randint(0, 30, (BATCH,))
 
 

@@ -1,4 +1,4 @@
-"""Two gloo processes run class-sharded heads (`partial_fc`) in float64 and record what they computed.
+"""Two gloo processes run class-sharded heads (Partial FC centres) in float64 and record what they computed.
 
 python tests/scripts/ddp_partial_fc.py OUT_DIR writes OUT_DIR/rank{0,1}.pt (torch.save of plain
 tensors and dicts), which tests/test_partial_fc.py compares with the dense head in one process on
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from facerec.heads import (
     ArcFace,
     AutoMarginScale,
     AutoScale,
+    ClassCentres,
     CombinedMargin,
     CosFace,
     CurricularFace,
@@ -44,10 +46,11 @@ from facerec.heads import (
     ElasticFace,
     FixedScale,
     MagFace,
+    MarginHead,
     NormFace,
+    PartialFC,
     SphereFace,
     SubCenterArcFace,
-    partial_fc,
     shard_range,
 )
 
@@ -81,11 +84,13 @@ def problem(num_classes: int, embedding_size: int, batch: int, seed: int, norm: 
     return x, torch.randint(0, num_classes, (batch,), generator=generator)
 
 
-def build_head(name: str, scale: str, num_classes: int, embedding_size: int) -> nn.Module:
-    """The unsharded float64 head (same weights on every rank and in the test process)."""
+def build_head(name: str, scale: str, num_classes: int, embedding_size: int, sample_rate: float | None = None) -> MarginHead:
+    """The float64 head (same weights on every rank and in the test process): dense, or with Partial
+    FC's class centres at `sample_rate` (sharded once `shard()` runs)."""
     torch.manual_seed(1)
     head_cls, kwargs = HEADS[name]
-    return head_cls(embedding_size, num_classes, scale=SCALES[scale](), **kwargs).double()
+    centres = ClassCentres if sample_rate is None else partial(PartialFC, sample_rate=sample_rate)
+    return MarginHead(embedding_size, num_classes, head_cls(**kwargs), SCALES[scale](), centres=centres).double()
 
 
 def rows(rank: int, batch: int) -> slice:
@@ -97,7 +102,7 @@ def rows(rank: int, batch: int) -> slice:
 def every_rank_s_rows(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """The full (C K, ...) tensor from each rank's rows, on every rank (`gather_rows` gives it to
     rank 0 only, for checkpoints): the test compares every rank's."""
-    k = head.centres_per_class
+    k = head.centres.centres_per_class
     return distributed.all_gather_uneven(rows, [shard_range(head.num_classes, WORLD_SIZE, rank)[1] * k for rank in range(WORLD_SIZE)])
 
 
@@ -111,19 +116,19 @@ def run_heads(rank: int) -> dict:
     results = {}
     for name in HEADS:
         for scale in SCALES:
-            head = partial_fc(build_head(name, scale, 7, 5))
+            head = build_head(name, scale, 7, 5, sample_rate=1.0)
             head.shard()
             x_local = x[mine].clone().requires_grad_()
             loss, stats = head.loss(x_local, labels[mine], statistics=True)
             loss.backward()
-            regulariser = head.regulariser(x_local.detach().norm(dim=1))
+            regulariser = head.margin.regulariser(x_local.detach().norm(dim=1))
             with torch.no_grad():  # inference, as validation runs it
                 cosine = head.cosine(x_local.detach())
             results[f"{name}/{scale}"] = {
                 "loss": loss.detach(),
                 "regulariser": torch.zeros((), dtype=torch.float64) if regulariser is None else regulariser,
                 "grad_x": x_local.grad,
-                "grad_weight": every_rank_s_rows(head, head.weight.grad),
+                "grad_weight": every_rank_s_rows(head, head.centres.weight.grad),
                 "s": torch.tensor(head.scale.value, dtype=torch.float64),
                 "statistics": stats,
                 "buffers": buffers(head),
@@ -134,7 +139,7 @@ def run_heads(rank: int) -> dict:
 
 def run_shard(rank: int) -> dict:
     x, labels = problem(7, 5, BATCH, seed=0)
-    head = partial_fc(build_head("cosface", "auto", 7, 5))
+    head = build_head("cosface", "auto", 7, 5, sample_rate=1.0)
     ignored = head.shard()
     try:
         head(x[rows(rank, BATCH)], labels[rows(rank, BATCH)])
@@ -156,7 +161,7 @@ class Model(nn.Module):
 
 def ddp_model() -> Model:
     torch.manual_seed(2)
-    return Model(partial_fc(build_head("magface", "auto", 7, 5)))
+    return Model(build_head("magface", "auto", 7, 5, sample_rate=1.0))
 
 
 def ddp_problem() -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,16 +177,16 @@ def run_ddp(rank: int) -> dict:
     wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer all-reduces then
     mine = rows(rank, BATCH)
     wrapped(images[mine], labels[mine]).backward()
-    return {"grad_backbone": model.backbone.weight.grad, "grad_weight": every_rank_s_rows(model.head, model.head.weight.grad)}
+    return {"grad_backbone": model.backbone.weight.grad, "grad_weight": every_rank_s_rows(model.head, model.head.centres.weight.grad)}
 
 
 def run_sampled(rank: int) -> dict:
     x, labels = problem(40, 6, 12, seed=4)
-    head = partial_fc(build_head("cosface", "auto", 40, 6), sample_rate=SAMPLE_RATE)
+    head = build_head("cosface", "auto", 40, 6, sample_rate=SAMPLE_RATE)
     head.shard()
     torch.manual_seed(10 + rank)
     loss, _ = head.loss(x[rows(rank, 12)], labels[rows(rank, 12)])
-    return {"loss": loss.detach(), "sampled": head.sampled}
+    return {"loss": loss.detach(), "sampled": head.centres.sampled}
 
 
 def sgd(head: nn.Module) -> torch.optim.Optimizer:
@@ -191,7 +196,7 @@ def sgd(head: nn.Module) -> torch.optim.Optimizer:
 def resume_problem() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """A head with state (CurricularFace's t), C = 9 (rows 5 + 4), three training batches of 8 and
     an evaluation batch of 6."""
-    head = partial_fc(build_head("curricularface", "auto", 9, 6))
+    head = build_head("curricularface", "auto", 9, 6, sample_rate=1.0)
     batches = [problem(9, 6, 8, seed=20 + step) for step in range(3)]
     return head, batches, problem(9, 6, 6, seed=30)[0]
 
@@ -224,7 +229,7 @@ def run_resume(rank: int, out_dir: Path) -> dict:
 def run_inference_with_grad(rank: int) -> str:
     """`head(embeddings)` of a sharded head with grad mode on (the centres require grad), a few
     times: the first error, or "" if every call returned."""
-    head = partial_fc(build_head("cosface", "auto", 7, 5))
+    head = build_head("cosface", "auto", 7, 5, sample_rate=1.0)
     head.shard()
     x = problem(7, 5, BATCH, seed=0)[0][rows(rank, BATCH)]
     for _ in range(8):
