@@ -275,8 +275,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_precision(trainer, module)
     for logger in loggers:
         logger.log_hyperparams(module.config)
-        # a fact of the run, not of a step: the tools read it (the s-sweep view's images per class)
-        logger.log_metrics({"data/train_images": float(len(datamodule.train_set))}, step=0)
+        if ckpt_path is None:  # a fact of the run, logged once at its start: the tools read it (the s-sweep view)
+            logger.log_metrics({"data/train_images": float(len(datamodule.train_set))}, step=0)
     log.info("head: %s | s = %.4f", module.head, module.head.scale.value)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
