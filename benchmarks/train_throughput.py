@@ -50,7 +50,7 @@ import simplejpeg
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Subset
@@ -185,7 +185,7 @@ def raw_loop(module, cfg, batches, clock: Clock, warmup: int, steps: int, log_ev
 def lightning_fit(module, cfg, batches, clock: Clock, warmup: int, steps: int, log_every: int, log_dir: Path) -> None:
     """trainer.fit as train.py runs it (configured Trainer and callbacks), minus checkpoints and validation."""
     device = batches[0][0].device
-    callbacks = [c for c in instantiate_all(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)]
+    callbacks = [c for c in instantiate_all(cfg.get("callbacks")) if not isinstance(c, Checkpoint)]
     trainer = instantiate(
         cfg.trainer,
         accelerator=device.type,

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 LAST = "last.ckpt"
+# ckpt_path values that resume the newest run: `last` starts a new run where there is none (logged),
+# `last_or_fail` refuses to (a requeued job that must continue, never restart)
+RESUME_LAST = ("last", "last_or_fail")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive
 PICKLE_MAGIC = b"\x80"  # the legacy format: pickles (protocol >= 2 starts with this opcode)
 

@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from facerec.checkpoint_files import find_last_checkpoint
+from facerec.checkpoint_files import RESUME_LAST, find_last_checkpoint
 from facerec.cluster import slurm_job_id, slurm_rank
 
 
@@ -47,7 +47,7 @@ def _run_name() -> str:
 
 
 def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
-    """A resumed run continues in its own directory: `ckpt_path=last` picks the newest run under
+    """A resumed run continues in its own directory: `ckpt_path=last` (or last_or_fail) picks the newest run under
     `runs_dir` holding checkpoints/last.ckpt, and an explicit checkpoint of a train.py run dir
     picks that dir. Otherwise a new directory `runs_dir/stamp`; in a SLURM job `runs_dir/slurm-<job
     id>` instead, the same for all its tasks and after every requeue of the job."""
@@ -55,7 +55,7 @@ def _run_dir(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     fresh = str(Path(runs_dir) / (f"slurm-{job_id}" if job_id else stamp))
     if ckpt_path in (None, "", "None"):
         return fresh
-    if ckpt_path == "last":
+    if ckpt_path in RESUME_LAST:
         found = find_last_checkpoint(fresh, runs_dir)
     else:
         found = Path(ckpt_path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_helpers import corrupt_record, write_jpeg_folder, write_rec_folder
+from data_helpers import corrupt_frame, corrupt_record, write_headerless_rec, write_image, write_jpeg_folder, write_rec_folder
 
 
 
@@ -82,11 +82,16 @@ def corrupt_record_strict(tmp: Path):
 
 @case("training data", "corrupt JPEG record in train.rec (default strict=false)", None, r"replaced 1 .*record 6: corrupt JPEG")
 def corrupt_record_replaced(tmp: Path) -> str:
+    return _read_every_sample(corrupt_record(write_rec_folder(tmp)), "by another sample chosen from its index: batches keep their size")
+
+
+def _read_every_sample(rec: Path, how: str) -> str:
+    """Read every sample of a 3-class training set `rec`; the replacement report."""
     from facerec.data import NoAugment, RecordDataset
 
-    dataset = RecordDataset(corrupt_record(write_rec_folder(tmp)), num_classes=3, augment=NoAugment())
+    dataset = RecordDataset(rec, num_classes=3, augment=NoAugment())
     messages = _captured_warnings(lambda: [dataset[i] for i in range(len(dataset))])
-    return f"replaced {dataset.replaced} (by another sample chosen from its index: batches keep their size; counted, logged: {messages[0]})"
+    return f"replaced {dataset.replaced} ({how}; counted, logged: {messages[0]})"
 
 
 @case("training data", "train.rec truncated", ValueError, r"truncated")
@@ -125,15 +130,93 @@ def property_mismatch(tmp: Path):
     RecordDataset(write_rec_folder(tmp), num_classes=4)
 
 
-@case("training data", "a label >= num_classes in the records", ValueError, r"has label 2, outside \[0, 2\)")
+@case("training data", "a label >= num_classes in records without a header record (im2rec's layout)", ValueError, r"has label 2, outside \[0, 2\)")
 def label_out_of_range(tmp: Path):
+    from facerec.data import RecordDataset
+
+    dataset = RecordDataset(write_headerless_rec(tmp, [k % 3 for k in range(6)], num_classes=2), num_classes=2)
+    for index in range(len(dataset)):
+        dataset[index]
+
+
+@case("training data", "`property` states more classes than header record 0 lists (25 against 3)", ValueError, r"property states 25 classes, but header record 0 of .*train\.rec lists 3 identity records.*state dataset\.num_classes=3")
+def property_disagrees_with_header(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = write_rec_folder(tmp)
+    (rec / "property").write_text("25,112,112")
+    RecordDataset.count_classes(rec)  # what train.py reads when dataset.num_classes is left out
+
+
+@case("training data", "`property` states fewer classes than header record 0 lists (2 against 3)", ValueError, r"property states 2 classes, but header record 0 of .*train\.rec lists 3 identity records")
+def property_below_header(tmp: Path):
     from facerec.data import RecordDataset
 
     rec = write_rec_folder(tmp)
     (rec / "property").write_text("2,112,112")
-    dataset = RecordDataset(rec, num_classes=2)
-    for index in range(len(dataset)):
-        dataset[index]
+    RecordDataset(rec, num_classes=2)  # stated as the property file says: still refused, the records hold 3
+
+
+@case("training data", "train.idx cut short inside its last line", ValueError, r"train\.idx: its last line \('15\\t\d+'\) has no line break: the \.idx is truncated")
+def idx_cut_in_a_line(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = write_rec_folder(tmp)
+    (rec / "train.idx").write_bytes((rec / "train.idx").read_bytes()[:-3])
+    RecordDataset(rec, num_classes=3)
+
+
+@case("training data", "train.idx cut at a line break, records without a header (im2rec's layout)", ValueError, r"train\.rec holds records after the last one .*train\.idx lists \(byte \d+ of \d+\): the \.idx is truncated")
+def idx_cut_at_a_line_break(tmp: Path):
+    from facerec.data import RecordDataset
+
+    rec = write_headerless_rec(tmp, [0, 1, 2, 0, 1, 2], num_classes=3)
+    rows = (rec / "train.idx").read_text().splitlines(keepends=True)
+    (rec / "train.idx").write_text("".join(rows[:-2]))
+    RecordDataset(rec, num_classes=3)
+
+
+@case("training data", "a corrupt RecordIO frame in the middle of train.rec (default strict=false)", None, r"replaced 1 .*train\.rec: no RecordIO magic at byte \d+ for record 6")
+def corrupt_frame_replaced(tmp: Path) -> str:
+    return _read_every_sample(corrupt_frame(write_rec_folder(tmp)), "like a corrupt JPEG")
+
+
+@case("training data", "a corrupt RecordIO frame in the middle of train.rec, strict=true", ValueError, r"train\.rec: no RecordIO magic at byte \d+ for record 6 .*train\.idx does not match")
+def corrupt_frame_strict(tmp: Path):
+    from facerec.data import RecordDataset
+
+    RecordDataset(corrupt_frame(write_rec_folder(tmp)), num_classes=3, strict=True)[5]
+
+
+@case("training data", "a 1x1 image in an image folder (min_image_size: a quarter of the input size by default)", None, r"replaced 1 .*9\.png: 1x1 pixels, below the minimum side of 28 \(min_image_size\)")
+def tiny_image(tmp: Path) -> str:
+    from facerec.data import ImageFolderDataset, NoAugment
+
+    root = write_jpeg_folder(tmp / "faces", identities=2, per_identity=2)
+    write_image(root / "id01" / "9.png", np.zeros((1, 1, 3), np.uint8))
+    dataset = ImageFolderDataset(root, augment=NoAugment())
+    messages = _captured_warnings(lambda: dataset[4])
+    return f"replaced {dataset.replaced} (counted, logged: {messages[0]})"
+
+
+@case("training data", "a zero-byte image file, strict=true", ValueError, r"id01/1\.jpg: the file is empty \(0 bytes\)")
+def empty_image(tmp: Path):
+    from facerec.data import ImageFolderDataset
+
+    root = write_jpeg_folder(tmp / "faces", identities=2, per_identity=2)
+    (root / "id01" / "1.jpg").write_bytes(b"")
+    ImageFolderDataset(root, strict=True)[3]
+
+
+@case("training data", "a 1x1 image given to facerec-folder-to-rec", None, r"skipped .*9\.png: 1x1 pixels, below the minimum side of 28.*'small_images': 1")
+def tiny_image_converted(tmp: Path) -> str:
+    from facerec.data.convert import folder_to_rec
+
+    root = write_jpeg_folder(tmp / "faces", identities=2, per_identity=2)
+    write_image(root / "id01" / "9.png", np.zeros((1, 1, 3), np.uint8))
+    stats = {}
+    messages = _captured_warnings(lambda: stats.update(folder_to_rec(root, tmp / "rec")))
+    return f"{messages[0]}; counted: {stats}"
 
 
 @case("training data", "an empty identity folder and non-image files", None, r"skipped 1 files without an image suffix.*skipped 1 identity folders without images")
@@ -269,12 +352,17 @@ def foreign_ckpt(tmp: Path):
 
 @case("checkpoints", "resuming a checkpoint into another class count", ValueError, r"dataset\.num_classes: checkpoint 20, config 19")
 def resume_other_classes(tmp: Path):
+    _resume_smoke_run_with(tmp, "dataset.num_classes=19")
+
+
+def _resume_smoke_run_with(tmp: Path, *overrides: str) -> None:
+    """The resume check of a checkpoint of experiment=smoke, resumed with `overrides`."""
     from omegaconf import OmegaConf
 
     from facerec.training.fit import check_resume_compatible
 
     saved = OmegaConf.to_container(_compose(tmp), resolve=True)
-    check_resume_compatible(_compose(tmp, "dataset.num_classes=19"), {"facerec_config": saved}, tmp / "last.ckpt")
+    check_resume_compatible(_compose(tmp, *overrides), {"facerec_config": saved}, tmp / "last.ckpt")
 
 
 @case("checkpoints", "ckpt_path pointing at no file", FileNotFoundError, r"ckpt_path=.*no such checkpoint file")
@@ -282,6 +370,38 @@ def missing_ckpt(tmp: Path):
     from facerec.training.fit import resolve_ckpt_path
 
     resolve_ckpt_path(_compose(tmp, f"ckpt_path={tmp / 'nope.ckpt'}"))
+
+
+@case("checkpoints", "ckpt_path naming a directory (a run dir)", IsADirectoryError, r"ckpt_path=.* is a directory, not a checkpoint file; name one of the checkpoints in it: checkpoints/last\.ckpt")
+def ckpt_directory(tmp: Path):
+    from facerec.training.fit import resolve_ckpt_path
+
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({}, tmp / "run" / "checkpoints" / "last.ckpt")
+    resolve_ckpt_path(_compose(tmp, f"ckpt_path={tmp / 'run'}"))
+
+
+@case("checkpoints", "ckpt_path=last_or_fail with no earlier run (ckpt_path=last starts a new run, with a warning)", FileNotFoundError, r"ckpt_path=last_or_fail: no last\.ckpt in .* nothing to resume")
+def last_or_fail(tmp: Path):
+    from facerec.training.fit import resolve_ckpt_path
+
+    resolve_ckpt_path(_compose(tmp, "ckpt_path=last_or_fail", f"paths.runs_dir={tmp / 'runs'}"))
+
+
+@case("checkpoints", "resuming with another scale policy (scale=auto into scale=dynamic)", ValueError, r"scale: checkpoint AutoScale\(theta0=0\.785\d+, criterion='half'\), config DynamicScale\(.*resume\.allow_changes=\[scale\]")
+def resume_other_scale(tmp: Path):
+    _resume_smoke_run_with(tmp, "scale=dynamic")
+
+
+@case("checkpoints", "the disk fills during a checkpoint save", OSError, r"no space left on the device for checkpoint .*last\.ckpt: it needs about 800,000 bytes .*the previous last\.ckpt \([\d,]+ bytes\) is intact")
+def disk_full(tmp: Path):
+    from fault_injection import full_disk
+    from facerec.training.checkpoints import AtomicCheckpointIO
+
+    writer = AtomicCheckpointIO()
+    writer.save_checkpoint({"w": torch.ones(10_000)}, tmp / "last.ckpt")
+    with full_disk():  # 200 kB of room (tests/test_reliability.py also fills a real tmpfs)
+        writer.save_checkpoint({"w": torch.ones(200_000)}, tmp / "last.ckpt")
 
 
 def _captured_warnings(action: Callable[[], object]) -> list[str]:
@@ -300,7 +420,7 @@ def _captured_warnings(action: Callable[[], object]) -> list[str]:
 
 def outcome(bad: BadInput, tmp: Path) -> str:
     """What the code does with the bad input: one line, the temporary folder written <tmp>, at most
-    300 characters (the rest of a long message is cut at a word)."""
+    450 characters (the rest of a long message is cut at a word)."""
     try:
         report = bad.run(tmp)
     except BaseException as error:  # noqa: BLE001 - the outcome under test
@@ -308,7 +428,7 @@ def outcome(bad: BadInput, tmp: Path) -> str:
     else:
         text = report if report is not None else "no error"
     text = " ".join(text.replace(str(tmp), "<tmp>").split())
-    return text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " …"
+    return text if len(text) <= 450 else text[:450].rsplit(" ", 1)[0] + " …"
 
 
 # ------------------------------------------------- checkpoints and weights files (eval.py)

@@ -51,3 +51,29 @@ def corrupt_record(rec: Path, record: int = 6) -> Path:
     raw[offset + 8 + 24 + 700 : offset + 8 + 24 + 1500] = bytes(800)  # past framing and image header
     (rec / "train.rec").write_bytes(bytes(raw))
     return rec
+
+
+def corrupt_frame(rec: Path, record: int = 6) -> Path:
+    """Zero the RecordIO magic of one record's frame in place (the rest of train.rec intact)."""
+    from facerec.data.recordio import read_index
+
+    keys, offsets = read_index(rec / "train.idx")
+    (offset,) = offsets[keys == record]
+    raw = bytearray((rec / "train.rec").read_bytes())
+    raw[offset : offset + 4] = bytes(4)
+    (rec / "train.rec").write_bytes(bytes(raw))
+    return rec
+
+
+def write_headerless_rec(tmp: Path, labels: list[int], num_classes: int) -> Path:
+    """tmp/rec in mxnet im2rec's layout: every record, 0 included, an image with its label; no header
+    record lists the identities, only `property` states the class count."""
+    from facerec.data import RecordIOWriter, pack_record
+
+    rng = np.random.default_rng(0)
+    (tmp / "rec").mkdir(parents=True)
+    with RecordIOWriter(tmp / "rec" / "train.rec", tmp / "rec" / "train.idx") as writer:
+        for key, label in enumerate(labels):
+            writer.write(key, pack_record(label, simplejpeg.encode_jpeg(smooth_image(rng), quality=90), id=key))
+    (tmp / "rec" / "property").write_text(f"{num_classes},112,112")
+    return tmp / "rec"

@@ -1,12 +1,19 @@
-"""Fault injection for tests, as Lightning callbacks added from the command line (not production code).
+"""Fault injection for tests, as Lightning callbacks added from the command line (not production code),
+and a disk that fills for where no small filesystem can be mounted.
 
 `python train.py ... +callbacks.fault=...` with the override strings below: a real non-finite
 forward (NaN input images) at given steps, or a signal the run sends itself (a preemption).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
+import io
 import os
+import shutil
 import signal
+from unittest import mock
 
 import lightning as L
 
@@ -87,3 +94,26 @@ def record_buffers_at(step: int, path, key: str = "buffers") -> str:
 
 def infinite_gradient_at(step: int) -> str:
     return f"+callbacks.overflow={{_target_:tests.fault_injection.InfiniteGradient,step:{step}}}"
+
+
+class DiskFull(io.FileIO):
+    """A file on a disk with `room` bytes left: writes beyond them fail with ENOSPC, as the kernel's do."""
+
+    room = 200_000
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+@contextlib.contextmanager
+def full_disk():
+    """Within it, a file opened for writing through os.fdopen (as AtomicCheckpointIO opens its
+    temporary file) is a DiskFull one, and the disk reports DiskFull.room bytes free."""
+    def fdopen(fd: int, mode: str = "r", *args, **kwargs):
+        return DiskFull(fd, mode.replace("b", "")) if "w" in mode else io.open(fd, mode, *args, **kwargs)
+
+    usage = collections.namedtuple("usage", "total used free")(10 * DiskFull.room, 9 * DiskFull.room, DiskFull.room)
+    with mock.patch.object(os, "fdopen", fdopen), mock.patch.object(shutil, "disk_usage", lambda path: usage):
+        yield

@@ -34,8 +34,13 @@ def test_count_classes_agrees_with_the_datasets(faces, tmp_path):
     assert ImageFolderDataset.count_classes(faces, identities=["id02", "no_images", "id00"]) == 2
     records = write_rec_folder(tmp_path / "records", identities=4)
     assert RecordDataset.count_classes(records) == RecordDataset(records).num_classes == 4
-    (records / "property").write_text("7,112,112")  # the property file is what states the count
-    assert RecordDataset.count_classes(records) == 7
+    (records / "property").write_text("7,112,112")  # header record 0 lists 4 identities: the folder disagrees
+    message = f"{records / 'property'} states 7 classes, but header record 0 of {records / 'train.rec'} lists 4 identity records"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RecordDataset.count_classes(records)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RecordDataset(records, num_classes=7)
+    assert RecordDataset(records, num_classes=4).num_classes == 4  # stated as the records hold it: trains, logged
 
 
 def test_image_folder_without_num_classes_gives_the_head_the_folders_count(faces, tmp_path):

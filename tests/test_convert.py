@@ -130,3 +130,17 @@ def test_pairs_to_bin_reports_missing_images(shared_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs.txt:4: image not found.*Betsy_Coffin_0001.jpg"):
         pairs_to_bin(small, lfw / "aligned_112", tmp_path / "y.bin", missing="error")
     assert not (tmp_path / "y.bin").exists()
+
+
+def test_tiny_images_are_skipped_by_the_converter(tmp_path):
+    root = write_jpeg_folder(tmp_path / "faces", identities=2, per_identity=2)
+    write_image(root / "id01" / "9.png", np.zeros((1, 1, 3), np.uint8))
+    (root / "id00" / "9.jpg").write_bytes(b"")
+    stats = folder_to_rec(root, tmp_path / "rec")
+    assert stats["images"] == 4 and stats["small_images"] == 1 and stats["corrupt_images"] == 1
+    with pytest.raises(DecodeError, match=r"id01/9\.png: 1x1 pixels, below the minimum side of 28"):
+        folder_to_rec(root, tmp_path / "x", strict=True, identities=["id01"])
+    with pytest.raises(DecodeError, match=r"id00/0\.jpg: 112x112 pixels, below the minimum side of 200"):
+        folder_to_rec(root, tmp_path / "y", min_image_size=200, strict=True)
+    out = cli("facerec-folder-to-rec", root, tmp_path / "kept", "--min-image-size", "0")
+    assert "5 images" in out and "0 small_images" in out and "1 corrupt_images" in out

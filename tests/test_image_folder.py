@@ -145,3 +145,28 @@ def test_malformed_pairs_files(tmp_path):
     (tmp_path / "p.txt").write_text("pairs\n")
     with pytest.raises(ValueError, match="p.txt:1: expected a header"):
         read_pairs(tmp_path / "p.txt")
+
+
+def test_tiny_and_empty_images_are_replaced_and_counted_or_refused(tmp_path, caplog):
+    root = write_jpeg_folder(tmp_path / "faces", identities=2, per_identity=3)
+    tiny = write_image(root / "id00" / "9.png", np.full((1, 1, 3), 128, np.uint8))
+    small = write_image(root / "id01" / "8.png", smooth_image(np.random.default_rng(0), 20, 40))
+    empty = root / "id01" / "9.jpg"
+    empty.write_bytes(b"")
+    dataset = ImageFolderDataset(root, augment=NoAugment())
+    assert len(dataset) == 9
+    samples = [dataset[i] for i in range(len(dataset))]
+    # each bad file once, and again wherever a replacement drew it: counted every time
+    assert dataset.replaced >= 3 and all(image.shape == (3, 112, 112) for image, _ in samples)
+    assert f"{tiny}: 1x1 pixels, below the minimum side of 28 (min_image_size)" in caplog.text
+    assert f"{small}: 40x20 pixels, below the minimum side of 28" in caplog.text
+    assert f"{empty}: the file is empty (0 bytes)" in caplog.text and "BytesIO" not in caplog.text
+    for index, path in ((3, tiny), (7, small), (8, empty)):
+        assert dataset.scan.path(index) == path
+        with pytest.raises(DecodeError, match=str(path)):
+            ImageFolderDataset(root, strict=True)[index]
+    kept = ImageFolderDataset(root, augment=NoAugment(), min_image_size=0)  # 0 takes any size
+    assert kept[3][0].shape == (3, 112, 112) and kept.replaced == 0
+    assert ImageFolderDataset(root, augment=NoAugment(), min_image_size=20)[7] and ImageFolderDataset(root, min_image_size=20).min_image_size == 20
+    with pytest.raises(DecodeError, match=r"the file is empty \(0 bytes\)"):
+        decode_image(b"")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_helpers import write_jpeg_folder
+from data_helpers import corrupt_frame, write_headerless_rec, write_jpeg_folder
 from facerec.data import Flip, NoAugment, RecordDataset, RecordIOError, RecordIOReader, RecordIOWriter, pack_record, unpack_record
 from facerec.data.convert import folder_to_rec
 from facerec.data.recordio import MAGIC
@@ -183,3 +183,39 @@ def test_ddp_ranks_see_every_image_once_per_epoch(record_folder, tmp_path):
     seen = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == len(dataset) // 2
     assert sorted(seen[0] + seen[1]) == expected
+
+
+def test_a_truncated_index_is_blamed_on_the_index(record_folder, tmp_path):
+    idx = (record_folder / "train.idx").read_text()
+    for file in ("train.rec", "property"):
+        (tmp_path / file).write_bytes((record_folder / file).read_bytes())
+    (tmp_path / "train.idx").write_text(idx[:-3])  # cut inside its last line: the last offset is a prefix
+    with pytest.raises(RecordIOError, match=r"train\.idx: its last line \('\d+\\t\d*'\) has no line break: the \.idx is truncated"):
+        RecordDataset(tmp_path, num_classes=4)
+    (tmp_path / "train.idx").write_text(idx[: idx.rindex("\n", 0, len(idx) - 1) + 1])  # cut at a line break
+    with pytest.raises(RecordIOError, match=r"header record 0 announces .* 1 of them are missing from .*train\.idx \(truncated"):
+        RecordDataset(tmp_path, num_classes=4)
+    rows = idx.splitlines()
+    (tmp_path / "train.idx").write_text("\n".join([*rows[:-1], rows[-1].split("\t")[0] + "\t" + rows[-2].split("\t")[1]]) + "\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx: two records start at the same byte: the \.idx is corrupt"):
+        RecordDataset(tmp_path, num_classes=4)
+    headerless = write_headerless_rec(tmp_path / "im2rec", [0] * 6, num_classes=1)  # no header to count against: the .rec runs on past the index
+    idx = (headerless / "train.idx").read_text()
+    (headerless / "train.idx").write_text(idx[: idx.rindex("\n", 0, len(idx) - 1) + 1])
+    with pytest.raises(RecordIOError, match=r"train\.rec holds records after the last one .*train\.idx lists \(byte \d+ of \d+\): the \.idx is truncated"):
+        RecordDataset(headerless, num_classes=1)
+
+
+def test_a_corrupt_frame_mid_file_is_replaced_and_counted_or_refused(record_folder, tmp_path, caplog):
+    for file in ("train.rec", "train.idx", "property"):
+        (tmp_path / file).write_bytes((record_folder / file).read_bytes())
+    corrupt_frame(tmp_path, 6)
+    dataset = RecordDataset(tmp_path, num_classes=4, augment=NoAugment())
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert dataset.replaced == 1 and len(samples) == len(dataset)
+    assert f"{tmp_path / 'train.rec'}: no RecordIO magic at byte" in caplog.text and "for record 6" in caplog.text
+    assert "replaced by sample" in caplog.text
+    loader = DataLoader(dataset, batch_size=4, num_workers=1)
+    assert all(len(labels) == 4 for _, labels in loader)  # the run goes on inside a worker, batches full
+    with pytest.raises(Exception, match=r"train\.rec: no RecordIO magic at byte \d+ for record 6"):
+        RecordDataset(tmp_path, num_classes=4, strict=True)[5]

@@ -1,18 +1,22 @@
 """Preemption signals, atomic checkpoint writes, non-finite guards, refusing code in files, no secrets."""
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
 
 from bad_inputs import WritesAFile
-from fault_injection import infinite_gradient_at, nonfinite_images_at, record_buffers_at, signal_at
+from fault_injection import infinite_gradient_at, nonfinite_images_at, full_disk, record_buffers_at, signal_at
 from conftest import REPO_ROOT, TINY_RUN, read_metrics, run_script
 from facerec.checkpoint_files import load_checkpoint
 from facerec.training.checkpoints import AtomicCheckpointIO
@@ -157,3 +161,104 @@ def test_fp16_autocast_without_a_grad_scaler_is_refused(tmp_path):
     assert result.returncode != 0 and "needs loss scaling" in result.stderr
     check_precision(instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision="bf16-mixed"),
                     build_module(compose_config([*TINY_RUN, "+model.autocast=bf16"], tmp_path)))  # bf16 needs none
+
+
+def test_last_ckpt_every_n_steps_keeps_the_end_and_a_resume_logs_each_step_once(tmp_path):
+    """callbacks.last_checkpoint.every_n_train_steps=7 over 20 steps: last.ckpt is written at steps
+    7, 10 (the epoch's end), 14 and 20 (the end of training). A run killed without warning at step 16
+    resumes from 14; the CSV rows the killed run had written for steps 15-16 are dropped, not
+    repeated, and the log equals the uninterrupted run's."""
+    run = [*TINY_RUN, "trainer.deterministic=true", "logger=csv", "callbacks.last_checkpoint.every_n_train_steps=7",
+           "+logger.csv.flush_logs_every_n_steps=1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_script(["train.py", *run, f"hydra.run.dir={straight}"])
+    assert torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+    result = run_script(["train.py", *run, f"hydra.run.dir={killed}", signal_at(16, "SIGKILL")], check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 14
+    assert max(int(row["step"]) for row in read_metrics(killed)) > 14  # rows of steps that will run again
+    resumed = run_script(["train.py", *run, f"hydra.run.dir={killed}", "ckpt_path=last"])
+    assert "dropped" in (killed / "train.log").read_text()
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+
+    def logged(run_dir):  # each (step, metric, value) with its count (Lightning logs `epoch` twice at an epoch's end)
+        return Counter((row["step"], key, value) for row in read_metrics(run_dir) for key, value in row.items() if value and key != "step")
+
+    assert logged(killed) == logged(straight), resumed.stdout
+    # resuming the finished run trains no step again (it validates the final weights once more: the
+    # value train.py returns to a sweeper)
+    run_script(["train.py", *run, f"hydra.run.dir={killed}", "ckpt_path=last"])
+    assert "(step 20)" in (killed / "train.log").read_text().rsplit("resuming from", 1)[1].splitlines()[0]
+
+    def trained(counts):
+        return {entry: n for entry, n in counts.items() if entry[1].startswith("train/")}
+
+    assert trained(logged(killed)) == trained(logged(straight))
+
+
+def test_resuming_with_another_scale_or_margin_is_refused_unless_allowed(trained_run, tmp_path):
+    """The trained run used scale=auto (no state) and CosFace m=0.35. scale=dynamic has state the
+    checkpoint lacks: refused by name, or with resume.allow_changes=[scale] it starts from its own
+    initial s and the log names the change."""
+    shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)
+    resume = ["train.py", *TINY_RUN, "logger=csv", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}", "ckpt_path=last"]
+    refused = run_script([*resume, "scale=dynamic", "head.m=0.2"], timeout=300, check=False)
+    assert refused.returncode != 0
+    assert "scale: checkpoint AutoScale(theta0=0.7853981633974483, criterion='half'), config DynamicScale(" in refused.stderr
+    assert "head: checkpoint CosFace(m=0.35), config CosFace(m=0.2)" in refused.stderr
+    assert "resume.allow_changes=[scale,head]" in refused.stderr and "Missing key" not in refused.stderr
+    run_script([*resume, "scale=dynamic", "head.m=0.2", "resume.allow_changes=[scale,head]"], timeout=300)
+    log = (tmp_path / "train.log").read_text()
+    assert "with a changed setting (resume.allow_changes names scale)" in log
+    assert "with a changed setting (resume.allow_changes names head)" in log
+    assert "scale policy changed on resume: DynamicScale" in log
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 20 and torch.isfinite(final["state_dict"]["head.scale.s"])
+
+
+def test_ckpt_path_names_a_directory_or_last_or_fail_finds_no_run(trained_run, tmp_path):
+    from conftest import compose_config
+    from facerec.training.fit import resolve_ckpt_path
+
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file; name one of the checkpoints in it: .*checkpoints/last\.ckpt"):
+        resolve_ckpt_path(compose_config([*TINY_RUN, f"ckpt_path={trained_run}"], tmp_path))
+    nothing = [*TINY_RUN, f"paths.runs_dir={tmp_path / 'runs'}"]
+    assert resolve_ckpt_path(compose_config([*nothing, "ckpt_path=last"], tmp_path / "new")) is None  # a new run, with a warning
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last_or_fail: no last\.ckpt in .*new or in a run under .*runs; nothing to resume"):
+        resolve_ckpt_path(compose_config([*nothing, "ckpt_path=last_or_fail"], tmp_path / "new"))
+    result = run_script(["train.py", *TINY_RUN, "logger=csv", f"paths.runs_dir={tmp_path / 'runs'}", "ckpt_path=last_or_fail"], check=False)
+    assert result.returncode != 0 and "nothing to resume, and this setting never starts a new run" in result.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.fixture(params=["tmpfs", "writer"])
+def small_disk(request, tmp_path):
+    """A directory on a disk that fills: a real 256 KiB tmpfs where this machine lets the test mount
+    one (root); with the "writer" parameter, or where mounting is not allowed, files opened for
+    writing there fail with ENOSPC past 200 kB."""
+    directory = tmp_path / "disk"
+    directory.mkdir()
+    mounted = request.param == "tmpfs" and os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(directory)], capture_output=True
+    ).returncode == 0
+    if not mounted:
+        with full_disk():
+            yield directory
+        return
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_a_full_disk_during_a_save_names_the_checkpoint_the_space_and_keeps_the_previous(small_disk):
+    target = small_disk / "last.ckpt"
+    io_ = AtomicCheckpointIO()
+    io_.save_checkpoint({"w": torch.ones(10_000)}, target)  # 40 kB: fits
+    with pytest.raises(OSError) as raised:
+        io_.save_checkpoint({"w": torch.ones(200_000)}, target)  # 800 kB: does not
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    assert f"no space left on the device for checkpoint {target}: it needs about 800,000 bytes" in message
+    assert re.search(rf"had written [\d,]+ to a temporary file in {re.escape(str(small_disk))} when the disk filled; [\d,]+ bytes are free", message)
+    assert "Nothing was replaced: the previous last.ckpt (" in message and "bytes) is intact" in message
+    assert torch.equal(load_checkpoint(target)["w"], torch.ones(10_000))
+    assert [p.name for p in small_disk.iterdir()] == ["last.ckpt"]  # the temporary file is gone

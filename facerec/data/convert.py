@@ -3,8 +3,9 @@
     facerec-folder-to-rec ROOT OUT_DIR [--identities FILE]     image folder -> train.rec, train.idx, property
     facerec-pairs-to-bin PAIRS ROOT OUT.bin                     LFW pairs file + image folder -> verification .bin
 
-Every source image is decoded first (a corrupt one is skipped and counted, or
-raises with --strict). A JPEG already `image_size` x `image_size` is stored byte
+Every source image is decoded first: a corrupt or empty one, or one whose shorter
+side is below --min-image-size (default a quarter of --image-size), is skipped and
+counted, or raises with --strict. A JPEG already `image_size` x `image_size` is stored byte
 for byte, so reading the output gives exactly the pixels of the source; any
 other image is fitted (facerec.data.decode's size policy) and encoded as JPEG at
 `quality`.
@@ -19,7 +20,7 @@ import numpy as np
 import simplejpeg
 
 from facerec.data.bin import write_bin
-from facerec.data.decode import DecodeError, decode_image, jpeg_size
+from facerec.data.decode import DecodeError, ImageTooSmall, decode_image, jpeg_size
 from facerec.data.image_folder import scan_folder
 from facerec.data.lfw import LfwPairs
 from facerec.data.recordio import RecordIOWriter, pack_record
@@ -27,9 +28,10 @@ from facerec.data.recordio import RecordIOWriter, pack_record
 log = logging.getLogger(__name__)
 
 
-def encode_for_storage(data: bytes, image_size: int = 112, quality: int = 95) -> bytes:
-    """JPEG bytes of `image_size` x `image_size` RGB (see the module docstring); DecodeError if unreadable."""
-    image = decode_image(data, image_size)
+def encode_for_storage(data: bytes, image_size: int = 112, quality: int = 95, min_size: int = 0) -> bytes:
+    """JPEG bytes of `image_size` x `image_size` RGB (see the module docstring); DecodeError if
+    unreadable, ImageTooSmall if its shorter side is below `min_size`."""
+    image = decode_image(data, image_size, min_size)
     if jpeg_size(data) == (image_size, image_size):
         return data
     return simplejpeg.encode_jpeg(image, quality=quality, colorspace="RGB")
@@ -42,17 +44,21 @@ def folder_to_rec(
     image_size: int = 112,
     quality: int = 95,
     strict: bool = False,
+    min_image_size: int | None = None,
 ) -> dict[str, int]:
     """Write an insightface training set (layout: facerec.data.record_dataset) from `root/<identity>/<image>`.
 
     Labels follow the folder scan's identity order; an identity none of whose
-    images decode gets no label. Returns counts of images, classes and skips.
+    images is kept gets no label. Images whose shorter side is below
+    `min_image_size` (None: image_size // 4) are skipped like corrupt ones.
+    Returns counts of images, classes and skips.
     """
+    min_size = image_size // 4 if min_image_size is None else int(min_image_size)
     scan = scan_folder(root, identities)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ranges: list[tuple[int, int]] = []
-    corrupt = 0
+    skipped = {"corrupt_images": 0, "small_images": 0}
     key = 1  # record 0 is the header, written last (its label needs the counts); the .idx maps it
     with RecordIOWriter(out_dir / "train.rec", out_dir / "train.idx") as writer:
         bounds = np.searchsorted(scan.labels, np.arange(len(scan.names) + 1))  # images are grouped by label
@@ -61,11 +67,11 @@ def folder_to_rec(
             for index in range(bounds[label], bounds[label + 1]):
                 path = scan.path(index)
                 try:
-                    payload = encode_for_storage(path.read_bytes(), image_size, quality)
+                    payload = encode_for_storage(path.read_bytes(), image_size, quality, min_size)
                 except DecodeError as error:
                     if strict:
-                        raise DecodeError(f"{path}: {error}") from None
-                    corrupt += 1
+                        raise type(error)(f"{path}: {error}") from None
+                    skipped["small_images" if isinstance(error, ImageTooSmall) else "corrupt_images"] += 1
                     log.warning("skipped %s: %s", path, error)
                     continue
                 writer.write(key, pack_record(len(ranges), payload, id=key))
@@ -80,7 +86,7 @@ def folder_to_rec(
     stats = {
         "images": first_identity - 1,
         "classes": len(ranges),
-        "corrupt_images": corrupt,
+        **skipped,
         "skipped_files": scan.skipped_files,
         "empty_identities": len(scan.empty_identities),
     }
@@ -118,10 +124,16 @@ def folder_to_rec_main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", help="image folder")
     parser.add_argument("out_dir", help="output folder (created)")
     parser.add_argument("--identities", help="identity list: one name per line, or LFW's people*.txt")
-    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable or too small image")
+    parser.add_argument(
+        "--min-image-size", type=int, default=None,
+        help="skip images whose shorter side is below this many pixels (default: image size // 4; 0 keeps all)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    stats = folder_to_rec(args.root, args.out_dir, args.identities, args.image_size, args.quality, args.strict)
+    stats = folder_to_rec(
+        args.root, args.out_dir, args.identities, args.image_size, args.quality, args.strict, args.min_image_size
+    )
     print(f"wrote {args.out_dir}: " + ", ".join(f"{value} {key}" for key, value in stats.items()))
 
 

@@ -13,6 +13,10 @@ is kept and nothing is padded. ORL's 92x112 faces become 112x136 and lose 12
 rows at the top and bottom. Greyscale, palette and CMYK images become RGB
 (grey replicated to the three channels).
 
+Images whose shorter side is below `min_size` (training sets: a quarter of the network's size by
+default) are refused as unreadable: a 1x1 or 8x8 image upscaled to 112x112 is a flat patch, not a
+face. An empty file is refused naming that.
+
 Network input: (3, H, W) float32, (x - 127.5) / 127.5, optionally mirrored.
 """
 from __future__ import annotations
@@ -30,6 +34,10 @@ _JPEG_START = b"\xff\xd8"
 
 class DecodeError(ValueError):
     """Bytes that are not a readable image."""
+
+
+class ImageTooSmall(DecodeError):
+    """A readable image whose shorter side is below the minimum a set accepts."""
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -54,8 +62,11 @@ def fit(image: np.ndarray, size: int) -> np.ndarray:
     return np.array(ImageOps.fit(Image.fromarray(image), (size, size), Image.Resampling.BICUBIC))
 
 
-def decode_image(data: bytes, size: int = 112) -> np.ndarray:
-    """(size, size, 3) uint8 RGB from encoded image bytes; DecodeError when they are not a readable image."""
+def decode_image(data: bytes, size: int = 112, min_size: int = 0) -> np.ndarray:
+    """(size, size, 3) uint8 RGB from encoded image bytes; DecodeError when they are not a readable
+    image, or one whose shorter side is below `min_size` pixels."""
+    if not data:
+        raise DecodeError("the file is empty (0 bytes)")
     if is_jpeg(data):
         try:
             image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
@@ -67,6 +78,12 @@ def decode_image(data: bytes, size: int = 112) -> np.ndarray:
                 image = np.array(opened.convert("RGB"))  # writable: torch.from_numpy warns otherwise
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise DecodeError(f"not a readable image: {error}") from None
+    height, width = image.shape[:2]
+    if min(height, width) < min_size:
+        raise ImageTooSmall(
+            f"{width}x{height} pixels, below the minimum side of {min_size} (min_image_size): it would be "
+            f"upscaled to {size}x{size}"
+        )
     return fit(image, size)
 
 

@@ -148,6 +148,7 @@ class ImageFolderDataset(EncodedImages):
     """Training set over `root/<identity>/<image>`; its classes are the identities with images.
 
     num_classes: the configured class count, checked against the folder; None takes the folder's.
+    strict, min_image_size: what counts as unreadable, and whether it raises (EncodedImages).
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class ImageFolderDataset(EncodedImages):
         augment: Augment = FLIP,
         strict: bool = False,
         num_classes: int | None = None,
+        min_image_size: int | None = None,
     ):
         self.scan = scan_folder(root, identities)
         found = len(self.scan.names)
@@ -167,7 +169,7 @@ class ImageFolderDataset(EncodedImages):
                 f"dataset.num_classes={num_classes} but {self.scan.root} holds {found} identity folders with "
                 f"images{among}; set dataset.num_classes={found}, or leave it out (null) to read it from the folder"
             )
-        super().__init__(found, image_size, augment, strict)
+        super().__init__(found, image_size, augment, strict, min_image_size)
         log.info("%s: %d images of %d identities", self.scan.root, len(self), self.num_classes)
 
     @classmethod

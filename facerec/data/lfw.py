@@ -152,7 +152,8 @@ class LfwIdentities(ImageFolderDataset):
         image_size: int = 112,
         augment: Augment = FLIP,
         strict: bool = False,
+        min_image_size: int | None = None,
     ):
         names = read_identity_list(identities)
         self.people = identity_subset(names, num_identities, subset_seed, str(identities))
-        super().__init__(root, self.people, image_size, augment, strict)
+        super().__init__(root, self.people, image_size, augment, strict, min_image_size=min_image_size)

@@ -64,8 +64,14 @@ def unpack_record(record: bytes) -> tuple[IRHeader, bytes]:
 
 def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(keys, byte offsets) of a `.idx` file, as int64 arrays (numpy, not dicts: millions of records
-    stay compact and are shared copy-on-write by forked DataLoader workers)."""
-    text = Path(idx_path).read_text("ascii").strip()
+    stay compact and are shared copy-on-write by forked DataLoader workers). Every writer ends each
+    line with a line break: a file that does not was cut short, and its last offset may be a prefix
+    of the real one."""
+    raw = Path(idx_path).read_text("ascii")
+    text = raw.strip()
+    if text and not raw.endswith("\n"):
+        last = text.rsplit("\n", 1)[-1]
+        raise RecordIOError(f"{idx_path}: its last line ({last!r}) has no line break: the .idx is truncated")
     lines = text.count("\n") + 1 if text else 0
     try:
         with warnings.catch_warnings():
@@ -78,6 +84,8 @@ def read_index(idx_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     keys, offsets = values[0::2].copy(), values[1::2].copy()
     if len(np.unique(keys)) != len(keys):
         raise RecordIOError(f"{idx_path}: repeated record keys")
+    if len(np.unique(offsets)) != len(offsets):
+        raise RecordIOError(f"{idx_path}: two records start at the same byte: the .idx is corrupt")
     return keys, offsets
 
 
@@ -116,9 +124,18 @@ class RecordIOReader:
         # insightface indexes hold keys 0..n-1 in order: the key is the row. Otherwise binary search.
         self._key_order = None if np.array_equal(self.keys, np.arange(len(self.keys))) else np.argsort(self.keys)
         self._sorted_keys = None if self._key_order is None else self.keys[self._key_order]
-        # Check the first and the last record in the file: a truncated file or a foreign .idx fails here.
-        for row in (order[0], order[-1]):
+        # Check the first and the last record in the file and the index's last line: a truncated
+        # file or a foreign .idx fails here. And after the last record the .rec must end: more
+        # records there are records the .idx does not list (an index cut at a line break).
+        for row in (order[0], len(self.keys) - 1):
             self._read_at(row)
+        _, consumed = self._frames(order[-1])
+        after = int(self.offsets[order[-1]]) + consumed
+        if after + _FRAME.size <= self.file_size and os.pread(self._file(), 4, after) == _MAGIC_BYTES:
+            raise RecordIOError(
+                f"{self.rec_path} holds records after the last one {self.idx_path} lists (byte {after} of "
+                f"{self.file_size}): the .idx is truncated"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -156,31 +173,37 @@ class RecordIOReader:
         return self._read_at(self.row(key))
 
     def _read_at(self, row: int) -> bytes:
+        return self._frames(row)[0]
+
+    def _frames(self, row: int) -> tuple[bytes, int]:
+        """(payload of the record at `row`, the bytes its frames take in the file)."""
         key, start, end = int(self.keys[row]), int(self.offsets[row]), int(self.ends[row])
         raw = os.pread(self._file(), end - start, start)
         parts, cursor = [], 0
+        mismatch = f"{self.idx_path} does not match {self.rec_path}, or one of them is truncated or corrupt"
         while True:
             if cursor + _FRAME.size > len(raw):
                 raise RecordIOError(
-                    f"{self.rec_path}: record {key} (byte {start}) ends inside a frame header; the file is truncated"
+                    f"{self.rec_path}: record {key} (byte {start}) ends inside a frame header, {len(raw) - cursor} "
+                    f"bytes before the next record or the end of the file; {mismatch}"
                 )
             magic, lrec = _FRAME.unpack_from(raw, cursor)
             if magic != MAGIC:
                 raise RecordIOError(
                     f"{self.rec_path}: no RecordIO magic at byte {start + cursor} for record {key} "
-                    f"(found {magic:#010x}); the .idx does not match the .rec or the file is corrupt"
+                    f"(found {magic:#010x}); {mismatch}"
                 )
             flag, length = lrec >> _LENGTH_BITS, lrec & _MAX_LENGTH
             cursor += _FRAME.size
             if cursor + length > len(raw):
                 raise RecordIOError(
                     f"{self.rec_path}: record {key} at byte {start} claims {length} bytes but only "
-                    f"{len(raw) - cursor} remain before the next record or the end of the file (truncated .rec?)"
+                    f"{len(raw) - cursor} remain before the next record or the end of the file; {mismatch}"
                 )
             parts.append(raw[cursor : cursor + length])
             cursor += (length + 3) & ~3
             if flag in (0, 3):
-                return _MAGIC_BYTES.join(parts)
+                return _MAGIC_BYTES.join(parts), cursor
             if flag not in (1, 2):
                 raise RecordIOError(f"{self.rec_path}: record {key} has an invalid continuation flag {flag}")
 

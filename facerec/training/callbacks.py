@@ -1,5 +1,5 @@
-"""Training callbacks: a checkpoint on preemption (and a SLURM requeue), an exponential moving
-average of the weights."""
+"""Training callbacks: the latest state for resuming (`last.ckpt`), a checkpoint on preemption (and a
+SLURM requeue), an exponential moving average of the weights."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Checkpoint, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from facerec import distributed, lightning_compat
@@ -17,6 +17,40 @@ from facerec.checkpoint_files import LAST
 from facerec.cluster import requeue_slurm_job
 
 log = logging.getLogger(__name__)
+
+
+class LastCheckpoint(Checkpoint):
+    """`last.ckpt`, the state `ckpt_path=last` resumes from: written at the end of every epoch, which
+    includes the end of training whatever ended it (the epoch count, max_steps mid-epoch, a callback's
+    stop: Lightning ends the epoch first), and every `every_n_train_steps` optimizer steps when that
+    is set. PreemptionCheckpoint writes it on a signal. A state is written once: the end of an epoch
+    that is also a multiple of N is one write.
+
+    Lightning's ModelCheckpoint, given every_n_train_steps, stops saving at the end of epochs, so a
+    finished run would resume into its last steps again. As a Checkpoint, this callback runs after
+    the other callbacks at the end of an epoch (Lightning moves checkpoint callbacks last), so
+    `last.ckpt` holds the best checkpoint's choice of that epoch.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None):
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"callbacks.last_checkpoint.every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        self.path = Path(dirpath) / LAST
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_at_step: int | None = None
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self._saved_at_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_at_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        # global_step counts optimizer steps: a micro-batch that ends none finds the step already saved
+        if self.every_n_train_steps and trainer.global_step and trainer.global_step % self.every_n_train_steps == 0:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -135,7 +169,7 @@ class WeightEMA(EMAWeightAveraging):
     - the copy moves to the module's device when fit starts: Lightning makes it in `setup`, before
       the strategy moves the module, and would otherwise keep a GPU run's average in host memory
       and copy every tensor there after each step (device="cpu" keeps it there on purpose);
-    - a checkpoint written at the end of a step (the preemption checkpoint, ModelCheckpoint's
+    - a checkpoint written at the end of a step (the preemption checkpoint, LastCheckpoint's
       every_n_train_steps) holds that step's average whichever callback runs first: the update
       the step owes is made before this callback's state is saved.
 

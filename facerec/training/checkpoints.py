@@ -3,9 +3,11 @@ number of ranks). Reading checkpoint files: facerec.checkpoint_files; rebuilding
 one: facerec.backbones.weights."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ log = logging.getLogger(__name__)
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file in the target directory, fsyncs it, then renames it over the
-    target: a kill during a save leaves the previous checkpoint intact. Reads are weights-only."""
+    target: a kill during a save leaves the previous checkpoint intact. Reads are weights-only.
+    A save the disk has no room for fails naming the checkpoint, the directory, what the save had
+    written and what is free, and that the previous checkpoint is intact (torch reports it as an
+    internal "unexpected pos" error, the cause buried in its chain)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -39,8 +44,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
-        except BaseException:
+        except BaseException as error:
+            written = Path(temporary).stat().st_size if Path(temporary).exists() else 0
             Path(temporary).unlink(missing_ok=True)
+            if _disk_full(error):
+                raise OSError(errno.ENOSPC, _disk_full_message(path, written, _tensor_bytes(checkpoint))) from error
             raise
         directory = os.open(path.parent, os.O_RDONLY)
         try:
@@ -50,6 +58,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path, map_location or "cpu")
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error` or any exception in its chain is "no space left on device"."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(value: Any, seen: set | None = None) -> int:
+    """The bytes of the tensors in a (nested) checkpoint, each storage once: what its file needs, less
+    a little metadata."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    return 0
+
+
+def _disk_full_message(path: Path, written: int, needed: int) -> str:
+    free = shutil.disk_usage(path.parent).free
+    previous = f"the previous {path.name} ({path.stat().st_size:,} bytes) is intact" if path.is_file() else f"no earlier {path.name} existed"
+    return (
+        f"no space left on the device for checkpoint {path}: it needs about {needed:,} bytes (its tensors) and the "
+        f"save had written {written:,} to a temporary file in {path.parent} when the disk filled; {free:,} bytes are "
+        f"free there now (the temporary file is removed). "
+        f"Nothing was replaced: {previous}. Free space there (or set paths.log_dir elsewhere) and resume."
+    )
 
 
 def _umask() -> int:

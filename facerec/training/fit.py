@@ -19,7 +19,7 @@ from torch import nn
 
 from facerec.backbones.registry import TRAINING_INIT_KEYS
 from facerec.backbones.weights import build_backbone, initialise_backbone
-from facerec.checkpoint_files import LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.checkpoint_files import LAST, RESUME_LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
 from facerec.cluster import slurm_job_id
 from facerec.config import instantiate_all
 from facerec.evaluation import EvaluationProtocol
@@ -200,8 +200,10 @@ def compile_model(module: FaceRecognitionModule, options: DictConfig) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from: None, `last` (see find_last_checkpoint) or an existing path.
-    A requeued SLURM job (its run dir already holds a last.ckpt) resumes from it without asking."""
+    """The checkpoint to resume from: None, `last` or `last_or_fail` (see find_last_checkpoint) or an
+    existing file. A requeued SLURM job (its run dir already holds a last.ckpt) resumes from it
+    without asking. `last` with no earlier run starts a new one (a warning says so); `last_or_fail`
+    refuses to, for jobs that must continue or stop."""
     requested = cfg.get("ckpt_path")
     if requested in (None, ""):
         own = Path(cfg.paths.output_dir) / "checkpoints" / LAST
@@ -209,41 +211,82 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
             log.info("SLURM job %s was requeued: resuming from %s", slurm_job_id(), own)
             return own
         return None
-    if requested == "last":
+    if requested in RESUME_LAST:
         found = find_last_checkpoint(cfg.paths.output_dir, cfg.paths.runs_dir)
         if found is None:
-            log.warning("ckpt_path=last: no last.ckpt in %s or under %s; starting a new run", cfg.paths.output_dir, cfg.paths.runs_dir)
+            where = f"no {LAST} in {cfg.paths.output_dir} or in a run under {cfg.paths.runs_dir}"
+            if requested == "last_or_fail":
+                raise FileNotFoundError(f"ckpt_path=last_or_fail: {where}; nothing to resume, and this setting never starts a new run")
+            log.warning("ckpt_path=last: %s; starting a new run (ckpt_path=last_or_fail refuses instead)", where)
         return found
     path = Path(requested)
+    if path.is_dir():
+        inside = [found for pattern in ("*.ckpt", "checkpoints/*.ckpt", "*/checkpoints/*.ckpt") for found in sorted(path.glob(pattern))]
+        listing = ", ".join(str(p.relative_to(path)) for p in inside[:20]) + (" ..." if len(inside) > 20 else "")
+        raise IsADirectoryError(
+            f"ckpt_path={requested} is a directory, not a checkpoint file; "
+            + (f"name one of the checkpoints in it: {listing}" if inside else "it holds no .ckpt file, nor do checkpoints/ folders in it or in its runs")
+            + " (or ckpt_path=last for the newest run's last.ckpt)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={requested}: no such checkpoint file")
     return path
 
 
+# Settings a resumed run may change where resume.allow_changes names them: the scale policy (its
+# state starts afresh) and the margin's parameters (the margin's running state is kept).
+CHANGEABLE_ON_RESUME = ("scale", "head")
+SIZE_KEYS = ("embedding_size", "num_classes")  # in head configs saved before the sizes moved out
+
+
 def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
-    """A checkpoint resumes only into the same backbone and the same classes (model.weights and
-    model.freeze aside: a resumed run takes its weights from the checkpoint)."""
+    """A checkpoint resumes only into the same backbone, class set and head kind (model.weights and
+    model.freeze aside: a resumed run takes its weights from the checkpoint), and into the same
+    scale policy and margin parameters unless resume.allow_changes names them (the change is logged)."""
     saved = checkpoint_config(checkpoint, path)
     current = OmegaConf.to_container(cfg, resolve=True)
+    allowed = list(OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])
+    unknown = [name for name in allowed if name not in CHANGEABLE_ON_RESUME]
+    if unknown:
+        raise ValueError(f"resume.allow_changes: unknown setting(s) {unknown}; expected any of {list(CHANGEABLE_ON_RESUME)}")
 
     def architecture(model: dict) -> dict:
         return {key: value for key, value in model.items() if key not in TRAINING_INIT_KEYS}
 
-    problems = [
-        f"{key}: checkpoint {saved_value!r}, config {current_value!r}"
-        for key, saved_value, current_value in [
-            ("model", architecture(saved["model"]), architecture(current["model"])),
-            ("dataset.num_classes", saved.get("dataset", {}).get("num_classes"), current["dataset"]["num_classes"]),
-            ("head._target_", saved.get("head", {}).get("_target_"), current["head"]["_target_"]),
-        ]
-        if saved_value != current_value
-    ]
-    if problems:
+    def margin(head: dict) -> dict:
+        return {key: value for key, value in head.items() if key not in SIZE_KEYS}
+
+    def described(value) -> str:  # a config with a _target_ as Class(key=value, ...): short enough to read
+        if isinstance(value, dict) and "_target_" in value:
+            arguments = ", ".join(f"{k}={v!r}" for k, v in value.items() if k != "_target_")
+            return f"{str(value['_target_']).rsplit('.', 1)[-1]}({arguments})"
+        return repr(value)
+
+    def changes(pairs) -> list[str]:
+        return [f"{key}: checkpoint {described(old)}, config {described(new)}" for key, old, new in pairs if old != new]
+
+    fixed = changes([
+        ("model", architecture(saved["model"]), architecture(current["model"])),
+        ("dataset.num_classes", saved.get("dataset", {}).get("num_classes"), current["dataset"]["num_classes"]),
+        ("head._target_", saved.get("head", {}).get("_target_"), current["head"]["_target_"]),
+    ])
+    changeable = {
+        "scale": changes([("scale", saved.get("scale"), current["scale"])]),
+        "head": [] if fixed else changes([("head", margin(saved.get("head", {})), margin(current["head"]))]),
+    }
+    refused = fixed + [change for name, found in changeable.items() if name not in allowed for change in found]
+    if refused:
+        deliberate = [name for name, found in changeable.items() if found and name not in allowed]
         raise ValueError(
-            f"cannot resume from {path}: it was trained with a different model or class set ("
-            + "; ".join(problems)
-            + "). Resume with the checkpoint's settings, or start a new run (ckpt_path=null)."
+            f"cannot resume from {path}: it was trained with other settings ("
+            + "; ".join(refused)
+            + "). Resume with the checkpoint's settings, or start a new run (ckpt_path=null)"
+            + (f", or make the change deliberate: resume.allow_changes=[{','.join(deliberate)}]" if deliberate and not fixed else "")
+            + "."
         )
+    for name in allowed:
+        for change in changeable[name]:
+            log.warning("resuming from %s with a changed setting (resume.allow_changes names %s): %s", path, name, change)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

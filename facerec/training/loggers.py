@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 from urllib.parse import urlparse
@@ -10,6 +11,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+log = logging.getLogger(__name__)
 
 WANDB_MODES = ("offline", "online", "disabled")
 STEP_AXIS = "trainer/global_step"  # Lightning's x axis for every metric it logs to W&B
@@ -63,16 +66,44 @@ class WandbLogger(LightningWandbLogger):
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's writer deletes an existing metrics.csv; a resumed run must append to it."""
+    """Lightning's writer deletes an existing metrics.csv; a resumed run appends to it instead. The
+    steps after the checkpoint it resumed from were logged by the interrupted run and are run (and
+    logged) again: at the first save, the earlier rows from the first step logged now onwards are
+    dropped, the file rewritten atomically, so every step appears once."""
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
+        self._reopened = self._fs.isfile(self.metrics_file_path)
+        if self._reopened:
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
 
+    def save(self) -> None:
+        if self._reopened and self.metrics:
+            self._reopened = False
+            self._drop_rows_from(min(int(row["step"]) for row in self.metrics))
+        super().save()
+
+    def _drop_rows_from(self, step: int) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if row.get("step") in (None, "") or int(float(row["step"])) < step]
+        if len(kept) == len(rows):
+            return
+        partial = f"{self.metrics_file_path}.partial"
+        with self._fs.open(partial, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._fs.mv(partial, self.metrics_file_path)  # a rename: the old file or the new one, never half of either
+        log.info(
+            "%s: dropped %d rows of steps >= %d, logged before the resume and logged again now",
+            self.metrics_file_path, len(rows) - len(kept), step,
+        )
+
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's CSVLogger, but a run resumed in its own directory keeps its earlier rows."""
+    """Lightning's CSVLogger, but a run resumed in its own directory keeps its earlier rows (each step
+    once: see _AppendingWriter)."""
 
     @property
     @rank_zero_experiment

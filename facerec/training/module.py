@@ -232,6 +232,16 @@ class FaceRecognitionModule(L.LightningModule):
             # the trained tensors, which the optimizer state belongs to, are here: continue from them.
             log.info("the checkpoint holds averaged weights (callbacks=ema); training without averaging continues from its trained weights")
             checkpoint["state_dict"] = checkpoint["current_model_state"]
+        saved_scale = checkpoint.get("facerec_config", {}).get("scale")
+        if saved_scale is not None and saved_scale != (self.config or {}).get("scale"):
+            # resume.allow_changes=[scale] (train.py refuses it otherwise): the new policy starts from
+            # its own initial state, whatever state the old one had
+            fresh = {f"head.scale.{key}": value for key, value in self.head.scale.state_dict().items()}
+            for name in ("state_dict", "current_model_state"):
+                if name in checkpoint:
+                    kept = {k: v for k, v in checkpoint[name].items() if not k.startswith("head.scale.")}
+                    checkpoint[name] = {**kept, **fresh}
+            log.info("scale policy changed on resume: %s starts from s = %.4f", self.head.scale, self.head.scale.value)
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
         # the weights re-shard as the class centres load them, the optimizer state here
