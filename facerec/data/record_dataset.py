@@ -72,9 +72,10 @@ def header_identities(reader: RecordIOReader) -> tuple[np.ndarray, np.ndarray] |
 
 def check_class_counts(property_path: Path, stated: int, reader: RecordIOReader, identity_records: int, configured: int | None) -> int:
     """The class count to train with, where `property` states `stated` and header record 0 lists
-    `identity_records` identities (see the module docstring); raises naming both files where they
-    disagree, unless `configured` (dataset.num_classes) is the identity records' count."""
-    if identity_records == stated:
+    `identity_records` identities (0: none listed, nothing to check against; see the module
+    docstring); raises naming both files where they disagree, unless `configured`
+    (dataset.num_classes) is the identity records' count."""
+    if identity_records in (0, stated):
         if configured is not None and configured != stated:
             raise ValueError(
                 f"{property_path} states {stated} classes but dataset.num_classes={configured}; "
@@ -118,13 +119,8 @@ class RecordDataset(EncodedImages):
         stated, height, width = read_property(self.root / "property")
         self.reader = RecordIOReader(self.root / rec_file, self.root / idx_file)
         announced = header_identities(self.reader)
-        if announced is None:
-            self.image_keys, self.identity_keys = self.reader.keys.copy(), np.empty(0, dtype=np.int64)
-            identity_records = stated  # nothing to check the property file against
-        else:
-            self.image_keys, self.identity_keys = announced
-            identity_records = len(self.identity_keys) or stated
-        count = check_class_counts(self.root / "property", stated, self.reader, identity_records, num_classes)
+        self.image_keys, self.identity_keys = announced or (self.reader.keys.copy(), np.empty(0, dtype=np.int64))
+        count = check_class_counts(self.root / "property", stated, self.reader, len(self.identity_keys), num_classes)
         super().__init__(count, image_size, augment, strict, min_image_size)
         if (height, width) != (self.image_size, self.image_size):
             log.info("%s holds %dx%d images; they are fitted to %d x %d", self.root, height, width, image_size, image_size)
@@ -138,8 +134,7 @@ class RecordDataset(EncodedImages):
         stated = read_property(root / "property")[0]
         reader = RecordIOReader(root / rec_file, root / idx_file)
         announced = header_identities(reader)
-        identity_records = len(announced[1]) if announced is not None and len(announced[1]) else stated
-        return check_class_counts(root / "property", stated, reader, identity_records, None)
+        return check_class_counts(root / "property", stated, reader, len(announced[1]) if announced else 0, None)
 
     def __len__(self) -> int:
         return len(self.image_keys)

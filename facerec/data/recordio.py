@@ -127,10 +127,11 @@ class RecordIOReader:
         # Check the first and the last record in the file and the index's last line: a truncated
         # file or a foreign .idx fails here. And after the last record the .rec must end: more
         # records there are records the .idx does not list (an index cut at a line break).
-        for row in (order[0], len(self.keys) - 1):
+        last = int(order[-1])
+        for row in {int(order[0]), len(self.keys) - 1} - {last}:
             self._read_at(row)
-        _, consumed = self._frames(order[-1])
-        after = int(self.offsets[order[-1]]) + consumed
+        _, consumed = self._frames(last)
+        after = int(self.offsets[last]) + consumed
         if after + _FRAME.size <= self.file_size and os.pread(self._file(), 4, after) == _MAGIC_BYTES:
             raise RecordIOError(
                 f"{self.rec_path} holds records after the last one {self.idx_path} lists (byte {after} of "
