@@ -7,13 +7,13 @@ training diagnostics.
 
 On a GPU every op is at least one kernel launch, a few microseconds of host time whatever its size, so
 a Python loop over blocks whose number grows with C becomes thousands of launches at C = 10^6. The
-loops over row blocks (`row_block` in facerec/heads/blocks.py) choose their blocking by device:
-~2^17 elements per block on the CPU, a fixed number of blocks on any other device. This script counts
-the ops of one step with torch.profiler on the CPU twice: with the CPU blocking (what runs here) and
-with the blocking the CUDA path takes. For the latter `row_block` (as the loss and the scale policies
-import it by name) is told that the device is "cuda": it reads nothing but the device's type, and
-nothing else on the head's path branches on the device, so the CPU dispatches the ops that a CUDA
-run of the same step would launch.
+loops over row blocks (`row_block` and `pass_block` in facerec/heads/blocks.py) choose their blocking
+by device: ~2^17 elements per block on the CPU, a fixed number of blocks (or one) on any other
+device; `row_dots` there picks its op by device too. This script counts the ops of one step with
+torch.profiler on the CPU twice: with the CPU blocking (what runs here) and with what the CUDA path
+takes. For the latter the three (as the loss and the scale policies import them by name) act as for
+a "cuda" device: they read nothing but the device's type, and nothing else on the head's path
+branches on the device, so the CPU dispatches the ops that a CUDA run of the same step would launch.
 
 What is counted, per step (forward of `head.loss(embeddings, labels, statistics=...)`, backward):
 - kernel ops: aten ops that compute on tensor data, i.e. the profiler's aten:: events with no such
@@ -75,13 +75,24 @@ def build_head(head: str, scale: str, num_classes: int, dim: int) -> MarginHead:
 
 @contextmanager
 def cuda_blocking():
-    """`row_block` answers as for a CUDA tensor of the same shape, wherever the tensor lives."""
-    row_block = fused_loss.row_block
+    """`row_block`, `pass_block` and `row_dots` act as for a CUDA tensor of the same shape, wherever the tensor lives."""
+    row_block, pass_block = fused_loss.row_block, fused_loss.pass_block
 
-    def as_on_cuda(num_rows: int, num_columns: int, device: torch.device) -> int:
+    def rows_on_cuda(num_rows: int, num_columns: int, device: torch.device) -> int:
         return row_block(num_rows, num_columns, torch.device("cuda"))
 
-    with mock.patch.object(fused_loss, "row_block", as_on_cuda), mock.patch.object(scale_policies, "row_block", as_on_cuda):
+    def pass_on_cuda(num_rows: int, num_columns: int, device: torch.device) -> int:
+        return pass_block(num_rows, num_columns, torch.device("cuda"))
+
+    def dots_as_on_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # row_dots' branch for a non-CPU device
+
+    with (
+        mock.patch.object(fused_loss, "row_block", rows_on_cuda),
+        mock.patch.object(fused_loss, "pass_block", pass_on_cuda),
+        mock.patch.object(fused_loss, "row_dots", dots_as_on_cuda),
+        mock.patch.object(scale_policies, "row_block", rows_on_cuda),
+    ):
         yield
 
 
@@ -119,6 +130,7 @@ def count_step(head: MarginHead, embeddings: torch.Tensor, labels: torch.Tensor,
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
     embeddings.grad = head.centres.weight.grad = None
+    head.workspace.free.clear()  # the (B, C) buffers the loss reuses between steps count in the peak, as in a first step
     with cuda_blocking() if blocking == "cuda" else nullcontext():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with record_function(FORWARD):

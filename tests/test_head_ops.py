@@ -57,3 +57,33 @@ def test_script_prints_both_tables():
                          "--heads", "arcface", "--scales", "auto"])
     for line in ["| 300 | arcface | auto | on |", "forward increase / (B, C)", "the same op counts at every C"]:
         assert line in result.stdout, result.stdout
+
+
+TINY = ["--batch", "8", "--dim", "16", "--classes", "50"]
+
+
+def test_heads_benchmark_marks_ratios_measured_under_load():
+    """heads.py prints the CPU model and the load average before and after, the fair floor of
+    Sub-center ArcFace (a linear layer of width 3C), and marks its tables when the load average
+    exceeded --max-load (here any load, -1) and not below it."""
+    loaded = run_script(["benchmarks/heads.py", *TINY, "--repeats", "1", "--max-load", "-1"]).stdout
+    assert "load average (1 min) before: " in loaded and "load average (1 min) after: " in loaded
+    assert "UNDER LOAD" in loaded and "Do not publish them" in loaded
+    assert "| nn.Linear(d, 3C) + cross-entropy | " in loaded
+    assert "| subcenter arcface (K=3) / nn.Linear(d, 3C) + cross-entropy | " in loaded
+    idle = run_script(["benchmarks/heads.py", *TINY, "--repeats", "1", "--max-load", "1000"]).stdout
+    assert "UNDER LOAD" not in idle and "| cosface | " in idle
+
+
+def test_breakdown_charges_the_step_to_its_stages():
+    out = run_script(["benchmarks/head_breakdown.py", *TINY, "--steps", "1", "--heads", "cosface", "subcenter arcface (K=3)"]).stdout
+    # stage -> cells of the columns: baseline, cosface, subcenter ("-": no op of that module there)
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| "))}
+    for stage in ["cosine matmul x W^T", "backward matmuls (grad x, grad W)", "radial projection of grad W",
+                  "row norms of W", "margin + scale + exp pass", "logit gradient pass", "closest of K centres",
+                  "log-softmax + NLL forward", "**step, without the profiler**"]:
+        assert stage in rows, out
+    assert rows["radial projection of grad W"][0] == "-" and "-" not in rows["radial projection of grad W"][1:]
+    assert rows["log-softmax + NLL forward"][0] != "-" and rows["log-softmax + NLL forward"][1:] == ["-", "-"]
+    assert rows["closest of K centres"][:2] == ["-", "-"] and rows["closest of K centres"][2] != "-"
+    assert rows["backward matmuls (grad x, grad W)"].count("-") == 0

@@ -2,7 +2,9 @@
 (`head.loss`) against gradcheck and plain references, its statistics, and what advances the state."""
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import sys
 
 import pytest
@@ -292,3 +294,57 @@ def test_statistics_and_loss_are_those_of_the_step_logits(name, policy):
         atol = 1e-3 if key.startswith("theta") else 1e-5  # degrees from float32 cosines
         torch.testing.assert_close(stats[key].double(), value, atol=atol, rtol=1e-5, msg=key)
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits.double(), labels) + regulariser, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cosface", "curricularface", "subcenter"])
+def test_the_loss_reuses_its_buffers_across_steps_and_batch_sizes(name):
+    """The loss keeps its (B, C) buffers from step to step: every step, at a new batch size, after a
+    forward without backward, or with two graphs alive at once, equals the same step of a head that
+    starts without any."""
+    torch.manual_seed(3)
+    head = make_head(name, 8, 11, FixedScale(5.0)).double()
+    weight = head.centres.weight.detach().clone()
+
+    def fresh_step(state, x, labels):
+        fresh = make_head(name, 8, 11, FixedScale(5.0)).double()
+        fresh.load_state_dict(state)
+        return step(fresh, x, labels)
+
+    def step(module, x, labels):
+        x = x.clone().requires_grad_()
+        module.centres.weight.grad = None
+        loss, _ = module.loss(x, labels)
+        loss.backward()
+        return loss.detach(), x.grad, module.centres.weight.grad
+
+    for batch in (6, 6, 4, 6):
+        x, labels = torch.randn(batch, 8, dtype=torch.float64) * 3, torch.randint(0, 11, (batch,))
+        state = {key: value.clone() for key, value in head.state_dict().items()}
+        for ours, expected in zip(step(head, x, labels), fresh_step(state, x, labels)):
+            torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    assert "cosines" in head.workspace.free and not any("workspace" in key for key in head.state_dict())
+    assert copy.deepcopy(head).workspace.free == {} and pickle.loads(pickle.dumps(head)).workspace.free == {}
+    reused = head.workspace.free["cosines"].data_ptr()
+    x, labels = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 11, (6,))
+    step(head, x, labels)
+    assert head.workspace.free["cosines"].data_ptr() == reused  # the same memory, not a new buffer
+
+    with torch.no_grad():  # a forward whose backward never runs keeps its buffers
+        head.loss(x, labels)
+    state = {key: value.clone() for key, value in head.state_dict().items()}
+    for ours, expected in zip(step(head, x, labels), fresh_step(state, x, labels)):
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+
+    # two graphs alive at once, then one backward through both
+    x1, x2 = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    y1, y2 = torch.randint(0, 11, (6,)), torch.randint(0, 11, (6,))
+    with torch.no_grad():
+        head.centres.weight.copy_(weight)
+    state = {key: value.clone() for key, value in head.state_dict().items()}
+    head.centres.weight.grad = None
+    (head.loss(x1, y1)[0] + head.loss(x2, y2)[0]).backward()
+    together = head.centres.weight.grad.clone()
+    fresh = make_head(name, 8, 11, FixedScale(5.0)).double()
+    fresh.load_state_dict(state)
+    separately = step(fresh, x1, y1)[2].clone() + step(fresh, x2, y2)[2]
+    torch.testing.assert_close(together, separately, rtol=1e-12, atol=1e-14)

@@ -494,3 +494,24 @@ def test_new_head_configs_build_and_train(name, tmp_path):
     torch.testing.assert_close(sharded.loss(x, labels)[0], dense_loss)  # sample_rate 1 on one process: the dense loss
     sampled_loss = sampled.loss(x, labels)[0]
     assert torch.isfinite(sampled_loss) and len(sampled.centres.sampled) == max(int(0.1 * dense.num_classes), len(labels))
+
+
+def test_subcenter_arcface_sends_the_gradient_of_equal_centres_to_the_first():
+    """Centres duplicated within a class (a K = 1 checkpoint repeated into K = 3) are at equal
+    cosines: the gradient goes to the first of them, as torch.max's does, and not to all three (they
+    would then move alike and stay equal for ever)."""
+    angles = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 0.5]
+    single, x, labels = problem(angles, [4.0] * len(angles), seed=7)
+    weight = single.repeat_interleave(3, dim=0)  # each class's centre three times
+    head = float64_head(MarginHead(DIM, CLASSES, SubCenterArcFace(m=0.5, centres=3), FixedScale(S)), weight)
+
+    def first_of_equal_centres(x, w, y):
+        cos = (F.normalize(x) @ F.normalize(w).T).view(len(x), CLASSES, 3).max(dim=2).values
+        target = cos.gather(1, y.view(-1, 1))
+        logits = cos.scatter(1, y.view(-1, 1), torch.cos(target.clamp(-1, 1).acos() + 0.5))
+        return F.cross_entropy(S * logits, y)
+
+    ours = head_step(head, x, labels)
+    assert_steps_equal(ours, reference_step(first_of_equal_centres, x, weight, labels))
+    grad = ours[2].view(CLASSES, 3, DIM)
+    assert grad[:, 0].abs().sum() > 0 and grad[:, 1:].abs().sum() == 0

@@ -18,3 +18,22 @@ def row_block(num_rows: int, num_columns: int, device: torch.device) -> int:
     if device.type == "cpu":
         return max(1, CPU_BLOCK_ELEMENTS // max(1, num_columns))
     return max(1, -(-num_rows // DEVICE_ROW_BLOCKS))
+
+
+def pass_block(num_rows: int, num_columns: int, device: torch.device) -> int:
+    """Rows per block for the loss's own passes over its (N, m) buffer (margin, scale and
+    exponentials in forward, the logits' gradient in backward), which make no block-sized copies of
+    the matrix: cache-sized blocks on the CPU, as `row_block`; on a GPU one block, the whole matrix,
+    so each op of a pass is one launch."""
+    if device.type == "cpu":
+        return row_block(num_rows, num_columns, device)
+    return max(1, num_rows)
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n,) dot products of the rows of two (n, d) blocks. On the CPU a product and a sum (the block
+    stays in cache; bmm over n (1, d) x (d, 1) products took 4x as long); elsewhere one bmm, which
+    needs no (n, d) temporary."""
+    if a.device.type == "cpu":
+        return (a * b).sum(dim=1)
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)

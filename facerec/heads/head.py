@@ -28,7 +28,7 @@ from torch import nn
 
 from facerec import distributed
 from facerec.heads.centres import ClassCentres
-from facerec.heads.loss import MarginCrossEntropy, margin_logits_
+from facerec.heads.loss import MarginCrossEntropy, Workspace, margin_logits
 from facerec.heads.margin import Margin
 from facerec.heads.scale import ScalePolicy
 
@@ -57,6 +57,7 @@ class MarginHead(nn.Module):
         self.centres = centres(self.num_classes, margin.centres_per_class, self.embedding_size)
         self.scale = scale
         scale.bind(self.num_classes, margin)
+        self.workspace = Workspace()  # the loss's (B, C) buffers, reused from step to step
         self.register_load_state_dict_pre_hook(_rename_keys_of_unsplit_heads)
 
     # ------------------------------------------------------------------ training
@@ -77,7 +78,9 @@ class MarginHead(nn.Module):
             per_sample = self.margin.margin_inputs(norms, labels, self.centres, update=True)
             columns, weight = self.centres.step_rows(labels)
             stats = {} if statistics else None
-            loss = MarginCrossEntropy.apply(x_hat, weight, columns, per_sample, self.margin, self.scale, self.centres, stats)
+            loss = MarginCrossEntropy.apply(
+                x_hat, weight, columns, per_sample, self.margin, self.scale, self.centres, self.workspace, stats
+            )
             if regulariser is not None:
                 loss = loss + regulariser
             if statistics:
@@ -111,7 +114,7 @@ class MarginHead(nn.Module):
             target = cos.gather(1, column).squeeze(1)
             held = torch.ones_like(target, dtype=torch.bool)
             target_logit = self.margin.target_logit(target, per_sample)
-            logits, _ = margin_logits_(cos, column, held, target, target_logit, self.margin, self.centres, update=False)
+            logits, _ = margin_logits(cos, column, held, target, target_logit, self.margin)
             return logits * self.scale.value
 
     def target_cosine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A margin defines `target_logit(cos_target, per_sample)`, f(cos theta_y), and where it needs them:
 - `margin_inputs`: per-sample inputs of f (AdaFace's standardised norm, MagFace's norm, ElasticFace's
   drawn margins), computed from the batch's embedding norms;
-- `nontarget_logits` with `changes_nontargets = True`: a change to the non-target logits (CurricularFace);
+- `nontarget_logits` with `changes_nontargets = True`: a change to the non-target logits (CurricularFace),
+  a function of the cosines and the margin's state, which `advance` moves once per training step;
 - `centres_per_class` > 1: several centres per class, a class's cosine being its closest centre's
   (Sub-center ArcFace);
 - `regulariser`: a loss term on the embedding norms (MagFace).
@@ -49,11 +50,17 @@ class Margin(nn.Module):
         training step (EMA buffers and random draws advance)."""
         return None
 
+    def advance(self, target: torch.Tensor, centres: ClassCentres) -> None:
+        """A training step's update of the margin's state (EMA buffers) from the (N,) target cosines of
+        the batch this loss sees, before any logit of the step is computed. Default: no state."""
+
     def nontarget_logits(
-        self, cos: torch.Tensor, target: torch.Tensor, centres: ClassCentres, update: bool = False
+        self, cos: torch.Tensor, target: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(changed (N, m) logits, their slope in cos) where `changes_nontargets`; target: the (N,)
-        target cosines; `update`: a training step (EMA buffers advance)."""
+        """(changed logits, their slope in cos) of (n, m) cosines where `changes_nontargets`; target: the
+        rows' (n,) target cosines; out: two (n, m) tensors to write them into (the loss passes `cos`
+        itself as the first), None: new tensors that autograd can track. The loss calls it on blocks
+        of rows, so it must treat rows alone."""
         raise NotImplementedError
 
     def regulariser(self, norms: torch.Tensor) -> torch.Tensor | None:
