@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from facerec.paths import REPO_ROOT
 from facerec.training.fit import build_head as head_of_config
 from facerec.heads import MarginHead
+from facerec.heads.blocks import bmm_row_dots
 from facerec.heads import loss as fused_loss
 from facerec.heads import scale as scale_policies
 
@@ -84,13 +85,10 @@ def cuda_blocking():
     def pass_on_cuda(num_rows: int, num_columns: int, device: torch.device) -> int:
         return pass_block(num_rows, num_columns, torch.device("cuda"))
 
-    def dots_as_on_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # row_dots' branch for a non-CPU device
-
     with (
         mock.patch.object(fused_loss, "row_block", rows_on_cuda),
         mock.patch.object(fused_loss, "pass_block", pass_on_cuda),
-        mock.patch.object(fused_loss, "row_dots", dots_as_on_cuda),
+        mock.patch.object(fused_loss, "row_dots", bmm_row_dots),
         mock.patch.object(scale_policies, "row_block", rows_on_cuda),
     ):
         yield

@@ -236,18 +236,17 @@ def main() -> None:
     for name in results[args.classes[0]]:
         cells = [f"{1e3 * results[c][name]:.1f} | {results[c][name] / results[c][BASELINE]:.2f}x" for c in args.classes]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    pairs = {  # ours -> the reference a user would otherwise pick, or the fair floor
-        "subcenter arcface (K=3) ": WIDE_BASELINE,
-        "cosface": "ref: pml CosFaceLoss",
-        "arcface": "ref: pml ArcFaceLoss",
-        "subcenter arcface (K=3)": "ref: pml SubCenterArcFaceLoss (K=3)",
-        "adaface": "ref: official AdaFace head",
-        "combined": "ref: arcface_torch CombinedMarginLoss",
-    }
+    pairs = [  # (ours, the reference a user would otherwise pick, or the fair floor)
+        ("subcenter arcface (K=3)", WIDE_BASELINE),
+        ("cosface", "ref: pml CosFaceLoss"),
+        ("arcface", "ref: pml ArcFaceLoss"),
+        ("subcenter arcface (K=3)", "ref: pml SubCenterArcFaceLoss (K=3)"),
+        ("adaface", "ref: official AdaFace head"),
+        ("combined", "ref: arcface_torch CombinedMarginLoss"),
+    ]
     print("\n| ours vs reference | " + " | ".join(f"C={c:,}" for c in args.classes) + " |")
     print("|---|" + "---:|" * len(args.classes))
-    for ours, reference in pairs.items():
-        ours = ours.strip()
+    for ours, reference in pairs:
         if reference in results[args.classes[0]]:
             cells = [f"{results[c][ours] / results[c][reference]:.2f}x" for c in args.classes]
             print(f"| {ours} / {reference.removeprefix('ref: ')} | " + " | ".join(cells) + " |")

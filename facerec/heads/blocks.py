@@ -36,4 +36,9 @@ def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     needs no (n, d) temporary."""
     if a.device.type == "cpu":
         return (a * b).sum(dim=1)
+    return bmm_row_dots(a, b)
+
+
+def bmm_row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`row_dots` off the CPU: one batched product of n (1, d) x (d, 1) matrices."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)

@@ -36,6 +36,7 @@ operation" error rather than give a wrong gradient).
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import torch
@@ -172,7 +173,7 @@ def exp_margin_logits_(
     largest scaled logits (N,), -inf for a process without columns; the rows' sums of the
     exponentials (N,)). The normalisation over all shards' columns is left to `normalisers`."""
     rows = pass_block(*cos.shape, cos.device)
-    slopes = nontarget_slope.split(rows) if nontarget_slope is not None else [None] * len(cos.split(rows))
+    slopes = nontarget_slope.split(rows) if nontarget_slope is not None else repeat(None)
     maxima, sums = [], []
     for c, col, h, t, f, slope_out in zip(
         cos.split(rows), column.split(rows), held.split(rows), target.split(rows), target_logit.split(rows), slopes
@@ -306,7 +307,7 @@ class MarginCrossEntropy(torch.autograd.Function):
         blocks = zip(
             exponentials.split(rows), every_centre.split(rows, dim=1), row_scale.split(rows), minus_unit.split(rows),
             column.split(rows), held.split(rows), target_slope.split(rows),
-            nontarget_slope.split(rows) if nontarget_slope is not None else [None] * len(column.split(rows)),
+            nontarget_slope.split(rows) if nontarget_slope is not None else repeat(None),
         )
         grad_target = []
         for g, out, scale_rows, minus, col, h, slope, nontarget in blocks:
