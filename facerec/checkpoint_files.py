@@ -6,6 +6,7 @@ them, training writes and resumes them); writing lives with training (AtomicChec
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -93,3 +94,12 @@ def checkpoint_config(checkpoint: dict, path: str | Path = "checkpoint") -> dict
     if not isinstance(config, dict) or "model" not in config:
         raise ValueError(f"{path} holds no facerec run config ('facerec_config'); was it written by train.py?")
     return config
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes (hex): how a run records which weights it started from or learnt from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

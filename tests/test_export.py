@@ -84,3 +84,75 @@ def test_onnx_export_parity_of_face_backbones(name, tmp_path):
 def test_export_refuses_an_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="format must be one of \\['onnx', 'torchscript'\\], got 'tflite'"):
         export_checkpoint(tmp_path / "any.ckpt", format="tflite")
+
+
+SMALL_CHECK_SET = [  # the smoke run's held-out set, small: 80 images, 80 pairs
+    "+evalset.synthetic_heldout.pairs.num_identities=20",
+    "+evalset.synthetic_heldout.pairs.images_per_identity=4",
+    "+evalset.synthetic_heldout.pairs.num_pairs=80",
+]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_int8_export_loads_in_onnxruntime_and_reports_its_accuracy(trained_checkpoint, tmp_path, mode):
+    pytest.importorskip("onnxruntime")
+    output = tmp_path / "tiny.onnx"
+    result = run_script([
+        "-m", "facerec.tools.export", f"ckpt_path={trained_checkpoint}", f"output_path={output}", "quantize=int8",
+        f"quantization.mode={mode}", "quantization.calibration_images=64", f"hydra.run.dir={tmp_path / 'run'}", *SMALL_CHECK_SET,
+    ])  # fmt: skip
+    int8 = tmp_path / "tiny.int8.onnx"
+    facts, body = read_card(tmp_path / "tiny.int8.onnx.md")
+    assert facts["file"] == "tiny.int8.onnx" and facts["precision"].startswith(f"int8 ({mode}")
+    quantization = facts["quantization"]
+    assert quantization["float_model"] == "tiny.onnx" and quantization["weighted_nodes_int8"] == 8  # 7 convolutions and the embedding layer
+    assert quantization["weighted_ops_left_float"] == {}
+    assert quantization["calibration"] == ({"set": "train", "images": 64, "seed": 0} if mode == "static" else None)
+    assert facts["file_bytes"] == int8.stat().st_size < quantization["float_model_bytes"] / 1.8
+    check = facts["accuracy_check"]
+    assert check["set"] == "synthetic_heldout" and check["images"] == 80
+    for model in ("pytorch", "int8"):
+        assert 0 <= check[model]["accuracy"] <= 1 and "tar@far=1e-01" in check[model]
+    assert 0.9 < check["int8"]["cosine_to_pytorch"]["p01"] <= check["int8"]["cosine_to_pytorch"]["mean"] <= 1
+    assert "| int8 |" in body and "| int8 |" in result.stdout and "| exported |" in result.stdout
+    float_facts, _ = read_card(output.with_name("tiny.onnx.md"))
+    assert float_facts["precision"] == "float32" and float_facts["accuracy_check"]["exported"]["cosine_to_pytorch"]["min"] > 0.99999
+
+    evaluated = run_script(["eval.py", f"onnx_path={int8}", "eval_sets=[synthetic_heldout]", f"hydra.run.dir={tmp_path / 'eval'}", *SMALL_CHECK_SET])
+    assert f"{100 * check['int8']['accuracy']:.2f}" in evaluated.stdout  # eval.py scores the INT8 model as the check did
+
+
+def test_a_weighted_op_the_quantiser_leaves_in_float_is_named(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from facerec.tools.quantize import quantize_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Flatten()).eval()
+    path = tmp_path / "upsampling.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), path, input_names=["images"], dynamo=True)
+    with pytest.raises(ValueError, match="left weighted ops in float32: ConvTranspose x1 \\(dynamic quantisation covers Conv and MatMul only"):
+        quantize_onnx(path, tmp_path / "upsampling.int8.onnx", "dynamic")
+    assert not (tmp_path / "upsampling.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+    result = quantize_onnx(path, tmp_path / "upsampling.int8.onnx", "dynamic", allow_float=True)
+    assert result.float_weighted_ops == {"ConvTranspose": 1} and result.quantised_nodes == 1
+
+
+def test_calibration_images_that_cannot_be_read_are_named():
+    from facerec.tools.quantize import CalibrationImages
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            raise OSError(f"cannot identify image file 'face{index}.jpg'")
+
+    reader = CalibrationImages(Unreadable(), "images", num_images=2, name="my_faces")
+    with pytest.raises(ValueError, match="quantize.calibration.set=my_faces: image [0-3] cannot be read \\(OSError: cannot identify image file"):
+        reader.get_next()
+    with pytest.raises(ValueError, match="quantize.calibration.set=empty: the set holds no image"):
+        CalibrationImages([], "images", num_images=2, name="empty")
+
+
+def test_quantizing_a_torchscript_export_is_refused(trained_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="format=torchscript has no INT8 export"):
+        export_checkpoint(trained_checkpoint, format="torchscript", output_path=tmp_path / "m.pt", quantize={"mode": "dynamic"})

@@ -19,13 +19,14 @@ from torch import nn
 
 from facerec.backbones.registry import TRAINING_INIT_KEYS
 from facerec.backbones.weights import build_backbone, initialise_backbone
-from facerec.checkpoint_files import LAST, RESUME_LAST, checkpoint_config, find_last_checkpoint, load_checkpoint
+from facerec.checkpoint_files import LAST, RESUME_LAST, checkpoint_config, file_sha256, find_last_checkpoint, load_checkpoint
 from facerec.cluster import slurm_job_id
 from facerec.config import instantiate_all
 from facerec.evaluation import EvaluationProtocol
 from facerec.evaluation.evalsets import build_protocols, compose_evalsets, unnamed_overrides
 from facerec.heads import MarginHead
 from facerec.training.checks import check_data_and_model, check_launch, check_precision
+from facerec.training.distillation import build_distillation
 from facerec.training.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,12 @@ def build_module(
         config=OmegaConf.to_container(cfg, resolve=True),
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
         val_protocols=val_protocols,
+        distillation=build_distillation(
+            OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None,
+            cfg.model.embedding_size,
+            OmegaConf.select(cfg, "dataset.train.image_size"),
+            f"dataset.train.image_size of {OmegaConf.select(cfg, 'dataset.train._target_')}",
+        ),
     )
 
 
@@ -284,9 +291,31 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> No
             + (f", or make the change deliberate: resume.allow_changes=[{','.join(deliberate)}]" if deliberate and not fixed else "")
             + "."
         )
+    check_same_teacher(cfg, checkpoint, path)
     for name in allowed:
         for change in changeable[name]:
             log.warning("resuming from %s with a changed setting (resume.allow_changes names %s): %s", path, name, change)
+
+
+def check_same_teacher(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
+    """A distilled run resumes only with distillation, from the teacher file it learnt from (by SHA-256:
+    the file may have moved), and a run without distillation only without it."""
+    saved = checkpoint.get("distill_teacher")
+    teacher = OmegaConf.select(cfg, "distill.teacher")
+    if saved is None and teacher is None:
+        return
+    if saved is None or teacher is None:
+        raise ValueError(
+            f"cannot resume from {path}: it was trained "
+            + (f"with distillation from {saved['file']} (sha256 {saved['sha256']}); resume with distill.teacher=<that file>" if saved else
+               "without distillation; resume without distill= (distill=null), or start a new run to distil")
+        )
+    current = file_sha256(teacher) if Path(teacher).is_file() else None
+    if current != saved["sha256"]:
+        raise ValueError(
+            f"cannot resume from {path}: it learnt from the teacher {saved['file']} (sha256 {saved['sha256']}), "
+            f"and distill.teacher={teacher} is " + ("not a file" if current is None else f"another file (sha256 {current})")
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

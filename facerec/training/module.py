@@ -17,6 +17,7 @@ from facerec.evaluation import EvaluationMetric, EvaluationProtocol, embed, log_
 from facerec.evaluation.embeddings import begin_cudagraph_step
 from facerec.heads import MarginHead
 from facerec.training.checkpoints import rng_states, set_rng_states
+from facerec.training.distillation import Distillation
 from facerec.training.step_guard import NonFiniteStepGuard
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class FaceRecognitionModule(L.LightningModule):
     max_consecutive_nonfinite: a step whose loss or gradient is not finite on any rank is skipped
     on every rank and leaves the model exactly as it was (facerec.training.step_guard); this many in
     a row stop the run.
+    distillation: with a teacher (facerec.training.distillation, distill=), a step's loss is its
+    weighting of the head's loss and the distillation losses, each logged (train/loss_margin,
+    train/distill_<loss>, train/teacher_cosine); its projection is trained with the rest.
 
     Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
     of k micro-batches of B = dataset.batch_size samples, and Lightning divides each micro-batch's loss
@@ -68,6 +72,7 @@ class FaceRecognitionModule(L.LightningModule):
         config: dict | None = None,
         max_consecutive_nonfinite: int = 20,
         val_protocols: Mapping[str, EvaluationProtocol] | None = None,
+        distillation: Distillation | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -77,6 +82,7 @@ class FaceRecognitionModule(L.LightningModule):
         self.flip = flip
         self.config = config
         self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
+        self.distillation = distillation
         self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p) for name, p in (val_protocols or {}).items()})
         self.last_validation_step = -1
         self.register_load_state_dict_pre_hook(_rename_keys_of_earlier_modules)
@@ -86,8 +92,10 @@ class FaceRecognitionModule(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def _model_buffers(self) -> list[torch.Tensor]:
-        """The buffers a training forward may change: BatchNorm statistics, the dynamic s, EMAs."""
-        return [*self.backbone.buffers(), *self.head.buffers()]
+        """The buffers a training forward may change: BatchNorm statistics, the dynamic s, EMAs,
+        distillation's running thresholds."""
+        extra = self.distillation.buffers() if self.distillation is not None else ()
+        return [*self.backbone.buffers(), *self.head.buffers(), *extra]
 
     def _micro_batch_position(self, batch_idx: int) -> tuple[bool, bool, int]:
         """(whether this batch is the first micro-batch of an optimizer step, whether the step follows
@@ -112,7 +120,11 @@ class FaceRecognitionModule(L.LightningModule):
         first, last, micro_batches = self._micro_batch_position(batch_idx)
         self.step_guard.start_micro_batch(self._model_buffers(), first)
         should_log = last and lightning_compat.logs_this_step(self.trainer)  # once per optimizer step
-        loss, stats = self.head.loss(self.backbone(images), labels, statistics=should_log)
+        embeddings = self.backbone(images)
+        loss, stats = self.head.loss(embeddings, labels, statistics=should_log)
+        if self.distillation is not None:
+            loss, distill_stats = self.distillation(images, embeddings, labels, loss)
+            stats = {**stats, **distill_stats}
         self.step_guard.record_loss(loss)
         if should_log:
             self.log_dict({f"train/{key}": value for key, value in stats.items()}, on_step=True, on_epoch=False)
@@ -128,12 +140,15 @@ class FaceRecognitionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grad_backbone = total_grad_norm(self.backbone.parameters())
         grad_head = total_grad_norm(self.head.parameters())
+        grad_checked = grad_backbone + grad_head  # the guard tests it for finiteness
+        if self.distillation is not None:  # the projection of embedding distillation
+            grad_checked = grad_checked + total_grad_norm(self.distillation.parameters())
 
         def describe(loss: torch.Tensor) -> str:
             lr = optimizer.param_groups[0]["lr"]
             return f"step {self.global_step}: loss={loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
 
-        self.step_guard.check(self.trainer, optimizer, grad_backbone + grad_head, self._model_buffers(), describe)
+        self.step_guard.check(self.trainer, optimizer, grad_checked, self._model_buffers(), describe)
         if lightning_compat.logs_this_step(self.trainer):
             # s multiplies the gradient like a learning-rate factor: log it when comparing scales.
             self.log("train/grad_norm_backbone", grad_backbone)
@@ -220,6 +235,8 @@ class FaceRecognitionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["facerec_config"] = self.config
         checkpoint["rng_states"] = rng_states()
+        if self.distillation is not None:  # which teacher: a resumed run must learn from the same one
+            checkpoint["distill_teacher"] = self.distillation.teacher.identity
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger" and logger.version:
                 checkpoint["wandb_run_id"] = logger.version  # a resumed run continues this W&B run
