@@ -73,7 +73,7 @@ def plain_ekd(student, teacher, labels, student_thresholds, teacher_thresholds, 
         return sum((rank(a, student_thresholds) - rank(b, teacher_thresholds)) ** 2 for a, b in pairs) / len(pairs)
 
     hardest = sorted(negatives, key=lambda pair: -pair[0].item())[:top_k]
-    return negative_weight * mse(hardest) + (positive_weight * mse(positives) if positives else 0)
+    return (negative_weight * mse(hardest) if hardest else 0) + (positive_weight * mse(positives) if positives else 0)
 
 
 def test_ekd_equals_a_loop_over_pairs_and_tracks_its_thresholds():
@@ -83,22 +83,42 @@ def test_ekd_equals_a_loop_over_pairs_and_tracks_its_thresholds():
     teacher = torch.randn(8, 6)
     ekd = EvaluationOrientedDistillation(fprs=(0.1, 0.01), top_k=10, temperature=0.05, momentum=0.5)
     loss = ekd(student, teacher, labels)  # training mode: the thresholds move first, then the loss uses them
-    negatives = [
-        (F.normalize(student, dim=1)[i] @ F.normalize(student, dim=1)[j]).item()
-        for i, j in itertools.combinations(range(8), 2) if labels[i] != labels[j]
-    ]  # fmt: skip
-    ranked = sorted(negatives, reverse=True)
-    expected_student = [0.5 * ranked[int(len(ranked) * fpr)] for fpr in (0.1, 0.01)]  # lerp from zero, rate 0.5
-    torch.testing.assert_close(ekd.student_thresholds, torch.tensor(expected_student))
+    for thresholds, embeddings in ((ekd.student_thresholds, student), (ekd.teacher_thresholds, teacher)):
+        unit = F.normalize(embeddings.detach(), dim=1)
+        ranked = sorted((unit[i] @ unit[j]).item() for i, j in itertools.combinations(range(8), 2) if labels[i] != labels[j])[::-1]
+        # 24 negative pairs: FPR 0.1 is the 3rd highest (index 2), 0.01 the highest; lerp from zero at rate 0.5
+        torch.testing.assert_close(thresholds, torch.tensor([0.5 * ranked[2], 0.5 * ranked[0]]))
     reference = plain_ekd(student, teacher, labels, ekd.student_thresholds, ekd.teacher_thresholds, 10, 0.05, 0.02, 0.01)
     torch.testing.assert_close(loss, reference)
     (gradient,) = torch.autograd.grad(loss, student)
     (expected,) = torch.autograd.grad(reference, student)
     torch.testing.assert_close(gradient, expected)
+
     ekd.eval()
     before = ekd.student_thresholds.clone()
-    ekd(student, teacher, torch.arange(8))  # no positive pair: the negative term alone, and eval leaves the thresholds
-    assert torch.equal(before, ekd.student_thresholds)
+    for batch_labels, top_k in ((torch.arange(8), 10), (torch.zeros(8, dtype=torch.long), 10), (labels, 1000)):
+        ekd.top_k = top_k  # no positive pair; no negative pair; fewer negatives than top_k
+        loss = ekd(student, teacher, batch_labels)
+        expected = plain_ekd(student, teacher, batch_labels, ekd.student_thresholds, ekd.teacher_thresholds, top_k, 0.05, 0.02, 0.01)
+        torch.testing.assert_close(loss, torch.as_tensor(expected, dtype=loss.dtype))
+    assert torch.equal(before, ekd.student_thresholds)  # eval mode leaves the thresholds
+
+
+def test_the_losses_compute_in_float32_under_autocast(teacher_checkpoint):
+    torch.manual_seed(3)
+    distillation = Distillation(Teacher(teacher_checkpoint), student_embedding_size=16, embedding_weight=1.0, relation_weight=1.0)
+    targets = torch.randn(8, 128)
+    distillation.teacher = lambda images: targets  # the same targets in both precisions: the losses alone compared
+    distillation.eval()  # EKD's thresholds stay where they are between the two calls
+    images, student, labels = torch.randn(8, 3, 32, 32), torch.randn(8, 16), torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])
+    with torch.no_grad():
+        plain, _ = distillation(images, student, labels, torch.tensor(0.0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            projected = distillation.embedding.projection(student)
+            autocast, stats = distillation(images, student, labels, torch.tensor(0.0))
+    assert projected.dtype == torch.bfloat16  # what the projection would compute in, left alone
+    assert autocast.dtype == torch.float32 and stats["distill_embedding"].dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_the_teacher_is_neither_trained_nor_saved_nor_copied(teacher_checkpoint):
@@ -174,6 +194,8 @@ def test_a_resumed_distillation_run_equals_an_uninterrupted_one(teacher_checkpoi
     other.write_bytes(teacher_checkpoint.read_bytes() + b"\0")  # same weights, another file
     refused = run_script(["train.py", *overrides, f"hydra.run.dir={resumed}", "ckpt_path=last", f"distill.teacher={other}"], check=False)
     assert refused.returncode != 0 and "it learnt from the teacher last.ckpt" in refused.stderr
+    changed = run_script(["train.py", *overrides, f"hydra.run.dir={resumed}", "ckpt_path=last", "distill.weights.embedding=2.0"], check=False)
+    assert changed.returncode != 0 and "distill.weights: checkpoint {'margin': 1.0, 'embedding': 1.0" in changed.stderr
     without = [o for o in overrides if not o.startswith("distill")]
     refused = run_script(["train.py", *without, f"hydra.run.dir={resumed}", "ckpt_path=last"], check=False)
     assert refused.returncode != 0 and "trained with distillation from last.ckpt" in refused.stderr
@@ -194,7 +216,7 @@ def test_a_teacher_of_another_input_size_is_refused(teacher_checkpoint, tmp_path
     [
         (["distill.teacher_model=resnet9000"], "no conf/model/resnet9000.yaml"),
         (["distill.weights.embedding=0"], "embedding or relation positive"),
-        (["distill.distance=manhattan"], "distill.embedding.distance='manhattan'"),
+        (["distill.distance=manhattan"], "distill.distance='manhattan'"),
     ],
 )
 def test_distillation_settings_are_checked(teacher_checkpoint, tmp_path, overrides, message):

@@ -129,7 +129,7 @@ def test_a_weighted_op_the_quantiser_leaves_in_float_is_named(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Flatten()).eval()
     path = tmp_path / "upsampling.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), path, input_names=["images"], dynamo=True)
-    with pytest.raises(ValueError, match="left weighted ops in float32: ConvTranspose x1 \\(dynamic quantisation covers Conv and MatMul only"):
+    with pytest.raises(ValueError, match="left weighted ops in float32: ConvTranspose x1 \\(dynamic quantisation covers Conv, MatMul and Gemm"):
         quantize_onnx(path, tmp_path / "upsampling.int8.onnx", "dynamic")
     assert not (tmp_path / "upsampling.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
     result = quantize_onnx(path, tmp_path / "upsampling.int8.onnx", "dynamic", allow_float=True)
@@ -147,9 +147,9 @@ def test_calibration_images_that_cannot_be_read_are_named():
             raise OSError(f"cannot identify image file 'face{index}.jpg'")
 
     reader = CalibrationImages(Unreadable(), "images", num_images=2, name="my_faces")
-    with pytest.raises(ValueError, match="quantize.calibration.set=my_faces: image [0-3] cannot be read \\(OSError: cannot identify image file"):
+    with pytest.raises(ValueError, match="quantization.calibration_set=my_faces: image [0-3] cannot be read \\(OSError: cannot identify image file"):
         reader.get_next()
-    with pytest.raises(ValueError, match="quantize.calibration.set=empty: the set holds no image"):
+    with pytest.raises(ValueError, match="quantization.calibration_set=empty: the set holds no image"):
         CalibrationImages([], "images", num_images=2, name="empty")
 
 

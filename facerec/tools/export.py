@@ -249,7 +249,7 @@ def export_checkpoint(
         calibration = None
         if quantize["mode"] == "static":
             if calibration_images is None:
-                raise ValueError("static quantisation needs calibration images (quantize.calibration_set)")
+                raise ValueError("static quantisation needs calibration images (quantization.calibration_set)")
             calibration = CalibrationImages(
                 calibration_images, INPUT_NAME, quantize["calibration_images"], quantize["seed"], name=quantize["calibration_set"]
             )
@@ -298,7 +298,7 @@ def calibration_set(cfg: DictConfig, config: dict) -> Dataset:
             return hydra.utils.instantiate(train)
         except Exception as error:
             raise ValueError(
-                f"quantize.calibration_set=train: the checkpoint's training set ({train.get('_target_')}, "
+                f"quantization.calibration_set=train: the checkpoint's training set ({train.get('_target_')}, "
                 f"{train.get('root', '')}) cannot be read: {error}"
             ) from error
     return evaluation_protocol(cfg, name, "quantization.calibration_set").image_set()

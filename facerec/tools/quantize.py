@@ -1,15 +1,16 @@
 """INT8 ONNX models by ONNX Runtime's quantiser (`onnxruntime.quantization`), for `facerec.tools.export
 quantize=int8`; nothing here quantises by hand.
 
-- static: weights int8 per output channel, activations int8 with ranges calibrated (min-max) on N
+- static: weights int8 per output channel, activations uint8 with ranges calibrated (min-max) on N
   images of a named set, in QDQ form (QuantizeLinear/DequantizeLinear pairs around each quantised
   op, which ONNX Runtime fuses into integer kernels); the float model is shape-inferred and
   optimised first (`quant_pre_process`), as ONNX Runtime advises.
 - dynamic: weights int8 per channel, activations quantised at run time batch by batch (no
-  calibration); ONNX Runtime quantises only Conv and MatMul this way (ConvInteger, MatMulInteger).
+  calibration); ONNX Runtime quantises Conv and MatMul this way (ConvInteger, MatMulInteger; a Gemm
+  becomes a MatMulInteger and an Add), not ConvTranspose.
 
 A weighted op (Conv, ConvTranspose, Gemm, MatMul) that the quantiser leaves in float32 is an error
-naming it (or a warning with quantize.allow_float=true): its weights would stay float and its
+naming it (or a warning with quantization.allow_float=true): its weights would stay float and its
 cost unchanged. Other op types the quantiser has no int8 kernel for (PReLU in IResNet and
 MobileFaceNet, Softmax and GELU in ViT) run in float32 between a dequantise and a quantise; they are
 listed in the result and the model card.
@@ -51,9 +52,9 @@ class CalibrationImages:
     def __init__(self, images: Dataset, input_name: str, num_images: int, seed: int = 0, batch_size: int = 32, name: str = "images"):
         available = len(images)
         if available == 0:
-            raise ValueError(f"quantize.calibration.set={name}: the set holds no image to calibrate on")
+            raise ValueError(f"quantization.calibration_set={name}: the set holds no image to calibrate on")
         if num_images < 1:
-            raise ValueError(f"quantize.calibration.num_images={num_images}: expected at least 1")
+            raise ValueError(f"quantization.calibration_images={num_images}: expected at least 1")
         chosen = np.random.default_rng(seed).choice(available, size=min(num_images, available), replace=False)
         self.images, self.input_name, self.batch_size, self.name, self.seed = images, input_name, batch_size, name, seed
         self.indices = sorted(int(i) for i in chosen)
@@ -63,7 +64,7 @@ class CalibrationImages:
         try:
             image = self.images[index][0]
         except Exception as error:
-            raise ValueError(f"quantize.calibration.set={self.name}: image {index} cannot be read ({type(error).__name__}: {error})") from error
+            raise ValueError(f"quantization.calibration_set={self.name}: image {index} cannot be read ({type(error).__name__}: {error})") from error
         return torch.as_tensor(image, dtype=torch.float32).numpy()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -116,12 +117,12 @@ def quantize_onnx(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if mode not in MODES:
-        raise ValueError(f"quantize.mode={mode!r}; expected one of {MODES}")
+        raise ValueError(f"quantization.mode={mode!r}; expected one of {MODES}")
     output_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = output_path.with_name(f".{output_path.name}.tmp")
     if mode == "static":
         if calibration is None:
-            raise ValueError("static quantisation needs calibration images (quantize.calibration)")
+            raise ValueError("static quantisation needs calibration images (quantization.calibration_set)")
         with tempfile.TemporaryDirectory() as scratch:
             prepared = Path(scratch) / "prepared.onnx"
             quant_pre_process(str(fp32_path), str(prepared))
@@ -140,8 +141,8 @@ def quantize_onnx(
         raise ValueError(
             f"{fp32_path}: onnxruntime's {mode} quantisation left weighted ops in float32: "
             + ", ".join(f"{op} x{n}" for op, n in left.items())
-            + (" (dynamic quantisation covers Conv and MatMul only: quantize.mode=static)" if mode == "dynamic" else "")
-            + "; quantize.allow_float=true keeps them in float32"
+            + (" (dynamic quantisation covers Conv, MatMul and Gemm: quantization.mode=static)" if mode == "dynamic" else "")
+            + "; quantization.allow_float=true keeps them in float32"
         )
     temporary.replace(output_path)  # never a half-written model under the final name
     if left:

@@ -131,7 +131,7 @@ class EmbeddingDistillation(nn.Module):
     def __init__(self, student_size: int, teacher_size: int, distance: str = "cosine"):
         super().__init__()
         if distance not in DISTANCES:
-            raise ValueError(f"distill.embedding.distance={distance!r}; expected one of {DISTANCES}")
+            raise ValueError(f"distill.distance={distance!r}; expected one of {DISTANCES}")
         self.distance = distance
         self.projection = nn.Linear(student_size, teacher_size, bias=False) if student_size != teacher_size else nn.Identity()
 
@@ -183,9 +183,9 @@ class EvaluationOrientedDistillation(nn.Module):
         upper = torch.triu_indices(batch, batch, offset=1, device=labels.device)
         same = labels[upper[0]] == labels[upper[1]]
 
-        def pair_similarities(embeddings: torch.Tensor) -> torch.Tensor:
+        def pair_similarities(embeddings: torch.Tensor) -> torch.Tensor:  # the (B, B) Gram matrix's upper triangle
             unit = F.normalize(embeddings.float(), dim=1)
-            return (unit[upper[0]] * unit[upper[1]]).sum(1)
+            return (unit @ unit.T)[upper[0], upper[1]]
 
         student_pairs = pair_similarities(student)
         with torch.no_grad():
@@ -199,10 +199,12 @@ class EvaluationOrientedDistillation(nn.Module):
                     ranked = torch.sort(negatives.detach(), descending=True).values
                     thresholds.lerp_(ranked[at], self.momentum)
         hardest = order[: self.top_k]
-        loss = self.negative_weight * F.mse_loss(
-            self.soft_rank(student_negatives[hardest], self.student_thresholds),
-            self.soft_rank(teacher_negatives[hardest], self.teacher_thresholds),
-        ) if hardest.numel() else student.sum() * 0
+        loss = student.new_zeros((), dtype=torch.float32)
+        if hardest.numel():
+            loss = loss + self.negative_weight * F.mse_loss(
+                self.soft_rank(student_negatives[hardest], self.student_thresholds),
+                self.soft_rank(teacher_negatives[hardest], self.teacher_thresholds),
+            )
         if same.any():
             loss = loss + self.positive_weight * F.mse_loss(
                 self.soft_rank(student_pairs[same], self.student_thresholds), self.soft_rank(teacher_pairs[same], self.teacher_thresholds)
@@ -213,7 +215,10 @@ class EvaluationOrientedDistillation(nn.Module):
 class Distillation(nn.Module):
     """The training loss of a distilled step: `margin_weight` times the student's own margin loss plus
     the weighted distillation losses (`embedding_weight`, `relation_weight`; a zero weight leaves that
-    loss out). The module computes the teacher's embeddings itself, so the caller hands it the images."""
+    distillation loss out). The module computes the teacher's embeddings itself, so the caller hands
+    it the images. The teacher runs under the student's autocast, if any (an ONNX teacher in float32,
+    on the CPU provider); the distillation losses compute in float32, autocast off, since 1 - cos
+    near convergence is as small as bf16's rounding of a cosine."""
 
     def __init__(
         self,
@@ -245,14 +250,16 @@ class Distillation(nn.Module):
         teacher = self.teacher(images)
         loss = self.margin_weight * margin_loss
         stats = {"loss_margin": margin_loss.detach()}
-        if self.embedding is not None:
-            value, cosine = self.embedding(student, teacher)
-            loss = loss + self.embedding_weight * value
-            stats.update(distill_embedding=value.detach(), teacher_cosine=cosine.mean())
-        if self.relation is not None:
-            value = self.relation(student, teacher, labels)
-            loss = loss + self.relation_weight * value
-            stats["distill_relation"] = value.detach()
+        with torch.autocast(student.device.type, enabled=False):
+            student, teacher = student.float(), teacher.float()
+            if self.embedding is not None:
+                value, cosine = self.embedding(student, teacher)
+                loss = loss + self.embedding_weight * value
+                stats.update(distill_embedding=value.detach(), teacher_cosine=cosine.mean())
+            if self.relation is not None:
+                value = self.relation(student, teacher, labels)
+                loss = loss + self.relation_weight * value
+                stats["distill_relation"] = value.detach()
         return loss, stats
 
     def extra_repr(self) -> str:
@@ -276,7 +283,7 @@ def build_distillation(distill_config: dict | None, student_embedding_size: int,
         teacher,
         student_embedding_size,
         margin_weight=weights.get("margin", 1.0),
-        embedding_weight=weights.get("embedding", 0.0),
+        embedding_weight=weights.get("embedding", 1.0),
         relation_weight=weights.get("relation", 0.0),
         distance=distill_config.get("distance", "cosine"),
         ekd=distill_config.get("ekd"),

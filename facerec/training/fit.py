@@ -291,15 +291,15 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> No
             + (f", or make the change deliberate: resume.allow_changes=[{','.join(deliberate)}]" if deliberate and not fixed else "")
             + "."
         )
-    check_same_teacher(cfg, checkpoint, path)
+    check_same_distillation(cfg, checkpoint, saved, path)
     for name in allowed:
         for change in changeable[name]:
             log.warning("resuming from %s with a changed setting (resume.allow_changes names %s): %s", path, name, change)
 
 
-def check_same_teacher(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
-    """A distilled run resumes only with distillation, from the teacher file it learnt from (by SHA-256:
-    the file may have moved), and a run without distillation only without it."""
+def check_same_distillation(cfg: DictConfig, checkpoint: dict, saved_config: dict, path: Path) -> None:
+    """A distilled run resumes only with the same distillation settings, from the teacher file it learnt
+    from (by SHA-256: the file may have moved); a run without distillation only without it."""
     saved = checkpoint.get("distill_teacher")
     teacher = OmegaConf.select(cfg, "distill.teacher")
     if saved is None and teacher is None:
@@ -309,6 +309,18 @@ def check_same_teacher(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
             f"cannot resume from {path}: it was trained "
             + (f"with distillation from {saved['file']} (sha256 {saved['sha256']}); resume with distill.teacher=<that file>" if saved else
                "without distillation; resume without distill= (distill=null), or start a new run to distil")
+        )
+
+    def settings(distill: dict | None) -> dict:
+        return {key: value for key, value in (distill or {}).items() if key not in ("teacher", "teacher_model")}
+
+    before, now = settings(saved_config.get("distill")), settings(OmegaConf.to_container(cfg.distill, resolve=True))
+    if before != now:
+        changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+        raise ValueError(
+            f"cannot resume from {path}: its distillation settings differ ("
+            + "; ".join(f"distill.{key}: checkpoint {before.get(key)!r}, config {now.get(key)!r}" for key in changed)
+            + "). Resume with the checkpoint's settings, or start a new run"
         )
     current = file_sha256(teacher) if Path(teacher).is_file() else None
     if current != saved["sha256"]:
