@@ -110,13 +110,13 @@ def test_int8_export_loads_in_onnxruntime_and_reports_its_accuracy(trained_check
     assert quantization["calibration"] == ({"set": "train", "images": 64, "seed": 0} if mode == "static" else None)
     assert facts["file_bytes"] == int8.stat().st_size < quantization["float_model_bytes"] / 1.8
     check = facts["accuracy_check"]
-    assert check["set"] == "synthetic_heldout" and check["images"] == 80
+    assert check["set"] == "synthetic_heldout" and check["images"] == 80 and check["reference"] == "pytorch"
     for model in ("pytorch", "int8"):
         assert 0 <= check[model]["accuracy"] <= 1 and "tar@far=1e-01" in check[model]
-    assert 0.9 < check["int8"]["cosine_to_pytorch"]["p01"] <= check["int8"]["cosine_to_pytorch"]["mean"] <= 1
+    assert 0.9 < check["int8"]["cosine_to_reference"]["p01"] <= check["int8"]["cosine_to_reference"]["mean"] <= 1
     assert "| int8 |" in body and "| int8 |" in result.stdout and "| exported |" in result.stdout
     float_facts, _ = read_card(output.with_name("tiny.onnx.md"))
-    assert float_facts["precision"] == "float32" and float_facts["accuracy_check"]["exported"]["cosine_to_pytorch"]["min"] > 0.99999
+    assert float_facts["precision"] == "float32" and float_facts["accuracy_check"]["exported"]["cosine_to_reference"]["min"] > 0.99999
 
     evaluated = run_script(["eval.py", f"onnx_path={int8}", "eval_sets=[synthetic_heldout]", f"hydra.run.dir={tmp_path / 'eval'}", *SMALL_CHECK_SET])
     assert f"{100 * check['int8']['accuracy']:.2f}" in evaluated.stdout  # eval.py scores the INT8 model as the check did

@@ -144,7 +144,7 @@ def write_card(
         )
     if result.check:
         label = "int8" if quantized else "exported"
-        facts["accuracy_check"] = {key: result.check[key] for key in ("set", "images", "pytorch", label) if key in result.check}
+        facts["accuracy_check"] = {key: result.check[key] for key in ("set", "images", "reference", "pytorch", label) if key in result.check}
         lines.append(f"Accuracy check on {result.check['set']} (flip test), against the PyTorch model:\n\n" + check_table(result.check, ("pytorch", label)) + "\n")
     body = "\n".join(lines) + "\n## Training config\n\n```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```\n"
     temporary = path.with_name(f".{path.name}.tmp")
@@ -156,25 +156,27 @@ CHECK_COLUMNS = ("accuracy", "tar@far=1e-03", "tar@far=1e-04", "auc")
 
 
 def check_table(check: dict, models: tuple[str, ...]) -> str:
-    """A markdown table of the accuracy check: one row per model, metrics in %, cosine to PyTorch."""
+    """A markdown table of the accuracy check: one row per model, metrics in %, cosine to the reference."""
     columns = [key for key in CHECK_COLUMNS if any(key in check.get(m, {}) for m in models)]
-    rows = ["| model | " + " | ".join(columns) + " | cosine to PyTorch: mean / 1st pct / min |", "|---" * (len(columns) + 2) + "|"]
+    header = f"| model | {' | '.join(columns)} | cosine to {check['reference']}: mean / 1st pct / min |"
+    rows = [header, "|---" * (len(columns) + 2) + "|"]
     for model in models:
         if model not in check:
             continue
         entry = check[model]
         cells = [f"{entry[key]:.4f}" if key == "auc" else f"{100 * entry[key]:.2f}" for key in columns if key in entry]
-        cosine = entry.get("cosine_to_pytorch")
+        cosine = entry.get("cosine_to_reference")
         cosine_cell = f"{cosine['mean']:.5f} / {cosine['p01']:.5f} / {cosine['min']:.5f}" if cosine else "-"
         rows.append(f"| {model} | " + " | ".join(cells) + f" | {cosine_cell} |")
     return "\n".join(rows)
 
 
 def accuracy_check(name: str, protocol: EvaluationProtocol, models: dict[str, nn.Module], batch_size: int = 128) -> dict:
-    """{"set", "images", <model>: {its protocol metrics, "cosine_to_pytorch": {mean, p01, min}}} for
-    `models` ({"pytorch": ..., "exported": ..., "int8": ...}), each embedding the set with the flip test."""
+    """{"set", "images", "reference", <model>: {its protocol metrics, "cosine_to_reference": {mean, p01, min}}}
+    for `models` ({"pytorch": ..., "exported": ..., "int8": ...}), each embedding the set with the flip
+    test; the first model is the reference whose features the others' are compared with, image by image."""
     image_set = protocol.image_set()
-    check: dict = {"set": name, "images": len(image_set)}
+    check: dict = {"set": name, "images": len(image_set), "reference": next(iter(models))}
     reference = None
     for label, model in models.items():
         features = extract_embeddings(model, image_set, flip="sum", device="cpu", batch_size=batch_size, description=f"{name} ({label})")
@@ -183,7 +185,7 @@ def accuracy_check(name: str, protocol: EvaluationProtocol, models: dict[str, nn
             reference = features.double()
             continue
         cosine = F.cosine_similarity(features.double(), reference, dim=1)
-        check[label]["cosine_to_pytorch"] = {
+        check[label]["cosine_to_reference"] = {
             "mean": cosine.mean().item(), "p01": torch.quantile(cosine, 0.01).item(), "min": cosine.min().item()
         }  # fmt: skip
     return check
