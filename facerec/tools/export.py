@@ -171,15 +171,18 @@ def check_table(check: dict, models: tuple[str, ...]) -> str:
     return "\n".join(rows)
 
 
-def accuracy_check(name: str, protocol: EvaluationProtocol, models: dict[str, nn.Module], batch_size: int = 128) -> dict:
+def accuracy_check(
+    name: str, protocol: EvaluationProtocol, models: dict[str, nn.Module], batch_size: int = 128, flip: str = "sum"
+) -> dict:
     """{"set", "images", "reference", <model>: {its protocol metrics, "cosine_to_reference": {mean, p01, min}}}
     for `models` ({"pytorch": ..., "exported": ..., "int8": ...}), each embedding the set with the flip
-    test; the first model is the reference whose features the others' are compared with, image by image."""
+    test (`flip`, as eval.py's); the first model is the reference whose features the others' are
+    compared with, image by image."""
     image_set = protocol.image_set()
-    check: dict = {"set": name, "images": len(image_set), "reference": next(iter(models))}
+    check: dict = {"set": name, "images": len(image_set), "flip": flip, "reference": next(iter(models))}
     reference = None
     for label, model in models.items():
-        features = extract_embeddings(model, image_set, flip="sum", device="cpu", batch_size=batch_size, description=f"{name} ({label})")
+        features = extract_embeddings(model, image_set, flip=flip, device="cpu", batch_size=batch_size, description=f"{name} ({label})")
         check[label] = {key: float(value) for key, value in evaluate_features(protocol, features).result.summary().items()}
         if reference is None:
             reference = features.double()

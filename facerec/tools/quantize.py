@@ -93,14 +93,15 @@ def _op_counts(fp32_path: Path, int8_path: Path, mode: str) -> tuple[dict[str, i
     )
     graph = onnx.load(str(int8_path)).graph
     dequantised = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    float_weights = {init.name for init in graph.initializer if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     left, quantised = Counter(), 0
     for node in graph.node:
         if node.op_type in INTEGER_OPS:
             quantised += 1
-        elif node.op_type in WEIGHTED_OPS:
-            if len(node.input) > 1 and node.input[1] in dequantised:
+        elif node.op_type in WEIGHTED_OPS and len(node.input) > 1:
+            if node.input[1] in dequantised:
                 quantised += 1
-            else:
+            elif node.input[1] in float_weights:  # a product of two activations (attention's) has no weight to quantise
                 left[node.op_type] += 1
     return dict(sorted(without_int8.items())), dict(sorted(left.items())), quantised
 
