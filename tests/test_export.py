@@ -156,3 +156,23 @@ def test_calibration_images_that_cannot_be_read_are_named():
 def test_quantizing_a_torchscript_export_is_refused(trained_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="format=torchscript has no INT8 export"):
         export_checkpoint(trained_checkpoint, format="torchscript", output_path=tmp_path / "m.pt", quantize={"mode": "dynamic"})
+
+
+def test_a_product_of_two_activations_is_not_a_weight_left_in_float(tmp_path):
+    """Attention's Q K^T has no weight: dynamic quantisation leaves it in float32, and that is no error."""
+    pytest.importorskip("onnxruntime")
+    from facerec.tools.quantize import quantize_onnx
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.project = nn.Linear(8, 8)
+
+        def forward(self, images):
+            tokens = self.project(images.flatten(2).transpose(1, 2))  # (B, 16, 8)
+            return (tokens @ tokens.transpose(1, 2)).softmax(-1).flatten(1)
+
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(Attention().eval(), (torch.randn(1, 8, 4, 4),), path, input_names=["images"], dynamo=True)
+    result = quantize_onnx(path, tmp_path / "attention.int8.onnx", "dynamic")
+    assert result.float_weighted_ops == {} and result.quantised_nodes == 1
