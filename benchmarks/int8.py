@@ -30,10 +30,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from facerec.backbones.weights import load_backbone
+from facerec.checkpoint_files import checkpoint_config, load_checkpoint
 from facerec.evaluation.onnx_model import OnnxEmbedder
 from facerec.paths import REPO_ROOT
-from facerec.tools.export import ExportedModel, accuracy_check, calibration_set, evaluation_protocol, export_checkpoint
+from facerec.tools.export import accuracy_check, calibration_set, evaluation_protocol, export_checkpoint, exported_model
 from facerec.tools.quantize import CalibrationImages, quantize_onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,12 +100,12 @@ def main() -> None:
     with initialize_config_dir(str(REPO_ROOT / "conf"), version_base="1.3"):
         for item in args.models:
             name, checkpoint = item.split("=", 1)
-            _, config = load_backbone(checkpoint)
+            config = checkpoint_config(load_checkpoint(checkpoint, mmap=True), checkpoint)
             cfg = export_config(Path(checkpoint), config, args.out)
             files, quantized = build_models(name, Path(checkpoint), cfg, config, args.out, args.calibration_images)
             if not args.speed_only:
                 protocol = evaluation_protocol(cfg, args.check_set, "--check-set")
-                models = {precision: ExportedModel(path, "onnx") for precision, path in files.items()}
+                models = {precision: exported_model(path, "onnx") for precision, path in files.items()}
                 check = accuracy_check(args.check_set, protocol, models, flip=args.flip)
                 for precision in models:
                     entry, cosine = check[precision], check[precision].get("cosine_to_reference")

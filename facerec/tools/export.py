@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from facerec.backbones.weights import load_backbone
+from facerec.checkpoint_files import checkpoint_config, load_checkpoint
 from facerec.evaluation import EvaluationProtocol, evaluate_features, extract_embeddings
 from facerec.tools.quantize import CalibrationImages, QuantizationResult, quantize_onnx
 
@@ -263,9 +264,9 @@ def export_checkpoint(
         log.info("quantised (%s) -> %s", quantize["mode"], int8_path)
     if check is not None:
         name, protocol = check
-        models = {"pytorch": backbone, "exported": ExportedModel(model_path, format)}
+        models = {"pytorch": backbone, "exported": exported_model(model_path, format)}
         if result.quantized:
-            models["int8"] = ExportedModel(result.quantized.path, format)
+            models["int8"] = exported_model(result.quantized.path, format)
         result.check = accuracy_check(name, protocol, models)
     write_card(result.card_path, result, format, ckpt_path, backbone, config)
     if result.quantized:
@@ -277,20 +278,13 @@ def card_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".md")
 
 
-class ExportedModel(nn.Module):
+def exported_model(path: Path, fmt: str) -> nn.Module:
     """An exported file as a module for the accuracy check: (B, 3, S, S) images -> (B, d) embeddings."""
+    if fmt == "onnx":
+        from facerec.evaluation.onnx_model import OnnxEmbedder
 
-    def __init__(self, path: Path, fmt: str):
-        super().__init__()
-        if fmt == "onnx":
-            from facerec.evaluation.onnx_model import OnnxEmbedder
-
-            self.model = OnnxEmbedder(path)
-        else:
-            self.model = torch.jit.load(str(path), map_location="cpu")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return OnnxEmbedder(path)
+    return torch.jit.load(str(path), map_location="cpu")
 
 
 def calibration_set(cfg: DictConfig, config: dict) -> Dataset:
@@ -327,7 +321,7 @@ def check_set_name(cfg: DictConfig, config: dict) -> str | None:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    _, config = load_backbone(cfg.ckpt_path)
+    config = checkpoint_config(load_checkpoint(cfg.ckpt_path, mmap=True), cfg.ckpt_path)  # the config alone: export_checkpoint loads the weights
     with open_dict(cfg):
         cfg.model = config["model"]  # set configs read ${model.input_size}
     quantize = None
