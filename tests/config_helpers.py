@@ -35,6 +35,6 @@ def compose_config(overrides: list[str], output_dir: str | Path, config_name: st
             del cfg["hydra"]  # as in a real run: the task sees its config, `${hydra:...}` reads HydraConfig
         if config_name == "train":
             compose_val_sets(cfg)
-        else:
+        elif "eval_sets" in cfg:
             compose_evalsets(cfg, cfg.eval_sets, "eval_sets")
     return cfg

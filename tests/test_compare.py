@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import TINY_RUN, run_script
+from facerec.evaluation import VAL_SCORES_FILE, EmbeddingNorms, Evaluation, verify, write_scores
 from facerec.tools import compare
 from facerec.tools import runs as run_logs
 
@@ -154,6 +155,30 @@ def test_a_run_without_csv_is_named(tmp_path):
         compare.main([str(tmp_path)])
 
 
+def test_paired_columns_mark_resolved_differences_from_the_baseline(tmp_path, capsys):
+    """Each run's val_scores.npz (its last validation's pairs): scale=auto's runs separate the pairs
+    much better than scale=fixed's on the same 600 pairs, so the paired difference is resolved."""
+    write_sweep(tmp_path / "sweep")
+    rng = np.random.default_rng(0)
+    issame = np.arange(600) % 2 == 0
+    base = rng.normal(size=(600, 8))
+    for number, signal in enumerate([0.4, 0.4, 1.5, 1.5]):  # runs 0, 1: fixed; 2, 3: auto
+        other = np.where(issame[:, None], signal * base + rng.normal(size=(600, 8)), rng.normal(size=(600, 8)))
+        result = verify(base, other, issame)
+        write_scores({"synthetic_heldout": Evaluation(result, EmbeddingNorms(1.0, 0.0))}, tmp_path / "sweep" / str(number) / VAL_SCORES_FILE)
+    compare.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), "--resamples", "200"])
+    table = capsys.readouterr().out
+    assert "final − `scale=fixed` (pp) [95% interval] | resolved |" in table
+    auto_row = next(line for line in table.splitlines() if line.startswith("| `scale=auto`"))
+    assert auto_row.endswith("| yes |") and "| +" in auto_row
+    assert next(line for line in table.splitlines() if line.startswith("| `scale=fixed`")).endswith("| baseline |  |")
+    with pytest.raises(SystemExit, match="--baseline 'scale=nope' is not a setting"):
+        compare.main([str(tmp_path / "sweep"), "--baseline", "scale=nope"])
+    (tmp_path / "sweep" / "3" / VAL_SCORES_FILE).unlink()
+    compare.main([str(tmp_path / "sweep"), "--resamples", "200"])
+    assert "no paired intervals: 1 runs saved no val_scores.npz" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_compare_a_real_multirun(tmp_path):
     sweep = tmp_path / "sweep"
@@ -168,3 +193,4 @@ def test_compare_a_real_multirun(tmp_path):
         assert 0.0 <= summary.values["final"][0] <= 1.0 and 0 < summary.values["wall_time_s"][0] < 600
         assert 0 < summary.values["theta_med"][0] < 180
     assert "`scale=fixed`" in out and (sweep / "comparison.png").is_file()
+    assert "final − `scale=fixed` (pp) [95% interval] | resolved |" in out  # train.py saved each run's val_scores.npz

@@ -63,7 +63,8 @@ def evaluate_in_process(overrides: list[str], output_dir):
 def test_eval_py_reproduces_the_validation_and_writes_json_and_roc(smoke_run, tmp_path):
     checkpoint, validation = smoke_run
     out = run_script(["eval.py", f"ckpt_path={checkpoint}", *SMOKE_SET, f"hydra.run.dir={tmp_path}"])
-    assert "### pairs\n\n| set | pairs | accuracy (%) | TAR@FAR=1e-03 (%) | AUC | EER (%) | folds | embedding norm (mean ± std) |" in out.stdout
+    header = "| set | pairs | accuracy (%) | fold std (%) | TAR@FAR=1e-03 (%) | AUC | EER (%) | folds | embedding norm (mean ± std) |"
+    assert f"### pairs\n\n{header}" in out.stdout
     assert "| synthetic_heldout | 80 |" in out.stdout
     assert "synthetic_heldout: 80 images" in out.stdout and "img/s" not in out.stdout + out.stderr  # no bar off a terminal
     results = json.loads((tmp_path / "results.json").read_text())
@@ -82,8 +83,14 @@ def test_eval_py_reproduces_the_validation_and_writes_json_and_roc(smoke_run, tm
         assert abs(heldout[key] - float(validation[f"val/synthetic_heldout/{key}"])) < 1e-6, key
     assert heldout["num_pairs"] == 80 and heldout["fold_policy"] == "consecutive" and len(heldout["fold_accuracies"]) == 10
     assert heldout["tar_at_far"]["1e-03"] is None and "needs >= 1000 different pairs" in " ".join(heldout["notes"])
+    # A 95 % interval on each metric, printed as "point [low, high]", kept in results.json.
+    low, high = heldout["intervals"]["accuracy"]
+    assert low <= heldout["accuracy"] <= high and results["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0}
+    assert f"| {100 * heldout['accuracy']:.2f} [{100 * low:.2f}, {100 * high:.2f}] |" in out.stdout
+    assert heldout["quality"]["quality"] == "embedding norm" and "### quality (error versus reject)" in out.stdout
+    assert results["scores"] == "scores.npz" and (tmp_path / "scores.npz").is_file()
     with Image.open(tmp_path / "curves.png") as png:
-        assert png.format == "PNG" and png.size[0] >= 640  # one ROC panel
+        assert png.format == "PNG" and png.size[0] >= 2 * 640  # a ROC and an error-versus-reject panel
 
 
 def test_eval_reads_the_default_set_at_the_checkpoints_input_size(smoke_run, tmp_path):
@@ -138,7 +145,7 @@ class RankResult(ProtocolResult):
     def to_dict(self) -> dict:
         return {"cmc": {str(rank): rate for rank, rate in self.cmc.items()}, "notes": self.notes}
 
-    def table_row(self) -> dict[str, str]:
+    def table_row(self, intervals=None) -> dict[str, str]:
         return {f"rank-{rank} (%)": f"{100 * rate:.2f}" for rank, rate in self.cmc.items()}
 
     def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
@@ -163,7 +170,8 @@ def test_one_table_per_result_kind_and_a_cmc_panel_beside_the_roc(tmp_path):
     assert identification_table.splitlines()[-1] == "| gallery_g1 | 50.00 | 75.00 | 1.25 ± 0.12 |"
     saved = json.loads(write_results(evaluations, tmp_path / "results.json", checkpoint="x.ckpt").read_text())
     assert saved["checkpoint"] == "x.ckpt" and saved["sets"]["gallery_g1"] == {
-        "kind": "identification", "cmc": {"1": 0.5, "5": 0.75}, "notes": [], "embedding_norm": {"mean": 1.25, "std": 0.125}
+        "kind": "identification", "cmc": {"1": 0.5, "5": 0.75}, "notes": [], "embedding_norm": {"mean": 1.25, "std": 0.125},
+        "intervals": {},
     }
     assert saved["sets"]["set_b"]["kind"] == "pairs" and saved["sets"]["set_b"]["embedding_norm"] == {"mean": 3.0, "std": 0.25}
     with Image.open(plot_curves(results, tmp_path / "both.png")) as both, Image.open(plot_curves(pair_results, tmp_path / "roc.png")) as roc:

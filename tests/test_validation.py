@@ -35,8 +35,10 @@ def test_validation_every_n_steps_reaches_csv_and_wandb(tmp_path):
     row = dict(zip(tables[-1]["columns"], tables[-1]["data"][0]))
     last = validations[-1]
     assert row["set"] == "synthetic_heldout" and "tar@far=1e-03" not in row  # 40 different pairs: no TAR@1e-3
-    for key in ("accuracy", "auc", "eer", "embedding_norm"):
+    for key in ("accuracy", "auc", "eer", "embedding_norm", "accuracy_low", "accuracy_high"):
         assert abs(row[key] - float(last[f"val/synthetic_heldout/{key}"])) < 1e-6, key
+    assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]  # val_bootstrap's 95 % interval
+    assert (tmp_path / "val_scores.npz").is_file()  # the last validation's items, for facerec.tools.compare
 
     rocs = wandb_tables(run, "roc_table")
     assert len(rocs) == 4 and rocs[-1]["columns"] == ["set", "log10(FAR)", "FAR", "TAR"]

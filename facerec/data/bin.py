@@ -111,3 +111,11 @@ class BinVerificationSet(VerificationSet):
 
     def image(self, index: int) -> torch.Tensor:
         return image_tensor(self.images[index], self.image_size, f"{self.path} image {index}")
+
+    def image_names(self) -> list[str]:
+        """Keys "<name>#<index>": a .bin holds no file names."""
+        return [f"{self.name}#{index}" for index in range(self.num_images)]
+
+    def image_identities(self) -> None:
+        """A .bin does not name its people."""
+        return None

@@ -224,3 +224,21 @@ def read_1n_templates(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not subject_of:
         raise ValueError(f"{path}: no templates listed")
     return np.fromiter(subject_of, dtype=np.int64), np.array([s for s, _ in subject_of.values()], dtype=np.int64)
+
+
+def read_template_subjects(root: str | Path, dataset: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(template ids, subject ids) of every template the set's 1:N files name (probe_mixed and the
+    galleries), sorted by template id; None where the set has no 1:N files (the 1:1 meta files name
+    no subjects). A template with two subjects is an error naming both files."""
+    parts = ["probe_mixed", *(f"gallery_{g}" for g in GALLERIES[dataset])]
+    paths = [meta_file(Path(root), dataset, f"1N_{part}", ".csv") for part in parts]
+    if not all(path.is_file() for path in paths):
+        return None
+    subject_of: dict[int, tuple[int, Path]] = {}
+    for path in paths:
+        for template, subject in zip(*read_1n_templates(path)):
+            first = subject_of.setdefault(int(template), (int(subject), path))
+            if first[0] != subject:
+                raise ValueError(f"template {template} has subject {first[0]} in {first[1]} but {subject} in {path}")
+    templates = np.fromiter(sorted(subject_of), dtype=np.int64, count=len(subject_of))
+    return templates, np.array([subject_of[t][0] for t in templates], dtype=np.int64)

@@ -208,3 +208,11 @@ class ImageFolderPairs(VerificationSet):
     def image(self, index: int) -> torch.Tensor:
         path = self.scan.path(index)
         return image_tensor(path.read_bytes(), self.image_size, str(path))
+
+    def image_names(self) -> list[str]:
+        """Each image's path relative to root, "<identity>/<file>"."""
+        return [os.fsdecode(path) for path in self.scan.paths]
+
+    def image_identities(self) -> list[str]:
+        """Each image's identity: its folder name."""
+        return [self.scan.names[label] for label in self.scan.labels]

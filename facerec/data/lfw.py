@@ -120,6 +120,14 @@ class LfwPairs(VerificationSet):
     def image(self, index: int) -> torch.Tensor:
         return image_tensor(self.paths[index].read_bytes(), self.image_size, str(self.paths[index]))
 
+    def image_names(self) -> list[str]:
+        """Each image's path relative to root, "Name/Name_0001.jpg"."""
+        return [f"{path.parent.name}/{path.name}" for path in self.paths]
+
+    def image_identities(self) -> list[str]:
+        """Each image's person: its folder name."""
+        return [path.parent.name for path in self.paths]
+
 
 def identity_subset(names: Sequence[str], num_identities: int, seed: int = 0, source: str = "the identity list") -> list[str]:
     """`num_identities` of `names`, drawn by a seeded permutation and kept in their listed order.

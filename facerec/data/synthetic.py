@@ -198,3 +198,11 @@ class SyntheticPairs(VerificationSet):
 
     def image(self, index: int) -> torch.Tensor:
         return self.renderer.render(index // self.images_per_identity, index)
+
+    def image_names(self) -> list[str]:
+        """Keys "<name>#<index>": rendered images have no files."""
+        return [f"{self.name}#{index}" for index in range(self.num_images)]
+
+    def image_identities(self) -> list[str]:
+        """Identity k of the held-out stream is "<name>#identity<k>"."""
+        return [f"{self.name}#identity{index // self.images_per_identity}" for index in range(self.num_images)]

@@ -1,8 +1,10 @@
 """Evaluation: every protocol (pairs, IJB templates, 1:N) and metric, and the one path by which eval.py
 and validation during training score a model (metric.py)."""
+from facerec.evaluation.bootstrap import Bootstrap, intervals, paired_comparison
 from facerec.evaluation.embeddings import FLIP_MODES, embed, embedding_table, extract_embeddings
 from facerec.evaluation.identification import IdentificationResult, MultiGalleryResult, identify
-from facerec.evaluation.metric import EmbeddingNorms, Evaluation, EvaluationMetric, evaluate_features
+from facerec.evaluation.metric import EmbeddingNorms, Evaluation, EvaluationMetric, ScoringOptions, evaluate_features
+from facerec.evaluation.options import bootstrap_from
 from facerec.evaluation.protocols import (
     EvaluationProtocol,
     FolderIdentification,
@@ -10,8 +12,19 @@ from facerec.evaluation.protocols import (
     IjbVerification,
     PairVerification,
 )
-from facerec.evaluation.report import format_table, log_to_wandb, mean_accuracy, plot_curves, write_results
+from facerec.evaluation.report import (
+    SCORES_FILE,
+    VAL_SCORES_FILE,
+    format_table,
+    log_to_wandb,
+    mean_accuracy,
+    plot_curves,
+    read_scores,
+    write_results,
+    write_scores,
+)
 from facerec.evaluation.result import ProtocolResult
+from facerec.evaluation.scored import ScoredItems
 from facerec.evaluation.templates import TemplateResult, pool_templates, verify_templates
 from facerec.evaluation.verification import (
     FARS,
@@ -28,6 +41,16 @@ from facerec.evaluation.verification import (
 
 __all__ = [
     "FARS",
+    "SCORES_FILE",
+    "VAL_SCORES_FILE",
+    "Bootstrap",
+    "ScoredItems",
+    "ScoringOptions",
+    "bootstrap_from",
+    "intervals",
+    "paired_comparison",
+    "read_scores",
+    "write_scores",
     "FLIP_MODES",
     "EmbeddingNorms",
     "Evaluation",

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from facerec.evaluation.embeddings import extract_embeddings
 from facerec.evaluation.evalsets import build_protocols, check_image_size, compose_evalsets, unnamed_overrides
+from facerec.evaluation.exclusion import exclude_images
 from facerec.evaluation.metric import Evaluation, evaluate_features
 from facerec.evaluation.models import load_evaluation_model, resolve_device
-from facerec.evaluation.report import format_table, plot_curves, write_results
+from facerec.evaluation.options import scoring_options
+from facerec.evaluation.report import SCORES_FILE, format_table, plot_curves, write_results, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Evaluation]:
         cfg.model = model.model_config  # set configs may read it (the synthetic set renders at model.input_size)
     compose_evalsets(cfg, names, "eval_sets")
     evaluations: dict[str, Evaluation] = {}
-    for name, protocol in build_protocols(cfg, names).items():
+    protocols = build_protocols(cfg, names)
+    if cfg.get("exclude"):  # rescored without the images of a CSV (facerec.evaluation.exclusion)
+        protocols = exclude_images(protocols, cfg.exclude)
+    for name, protocol in protocols.items():
         image_set = protocol.image_set()
         check_image_size(image_set, name, model.input_size, model.description)
         log.info("%s: %d images", name, len(image_set))
@@ -52,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Evaluation]:
                 progress=cfg.progress,
                 description=name,
             )
-            evaluations[name] = evaluate_features(protocol, features)
+            evaluations[name] = evaluate_features(protocol, features, scoring_options(cfg, protocol, name))
         except ValueError as error:
             raise ValueError(f"evaluation set {name!r}: {error}") from error
         norms = evaluations[name].norms
@@ -63,8 +68,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Evaluation]:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     context = dict(**model.source, model=model.model_config, flip=cfg.flip, device=str(device), bf16=cfg.bf16)
-    results_path = write_results(evaluations, output_dir / "results.json", **context)
+    context["bootstrap"] = OmegaConf.to_container(cfg.bootstrap) if cfg.get("bootstrap") is not None else None
+    scores_path = write_scores(evaluations, output_dir / SCORES_FILE) if cfg.get("save_scores", True) else None
+    results_path = write_results(evaluations, output_dir / "results.json", **context, scores=scores_path and scores_path.name)
     label = Path(next(iter(model.source.values()))).name
-    curves_path = plot_curves({name: e.result for name, e in evaluations.items()}, output_dir / "curves.png", title=label)
+    results = {name: e.result for name, e in evaluations.items()}
+    curves_path = plot_curves(results, output_dir / "curves.png", title=label, erc={n: e.erc for n, e in evaluations.items()})
     print(f"{format_table(evaluations)}\n\nresults: {results_path}\ncurves: {curves_path}", flush=True)
     return evaluations

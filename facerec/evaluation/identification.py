@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from facerec.evaluation.result import ProtocolResult
+from facerec.evaluation.result import ProtocolResult, interval_cell
+from facerec.evaluation.scored import ScoredItems, error_after_rejection, rejection_order, weights_or_ones
 
 RANKS = (1, 5, 10, 20)
 FPIRS = (1e-3, 1e-2, 1e-1)
@@ -62,6 +63,7 @@ class IdentificationResult(ProtocolResult):
     ranks: np.ndarray | None = field(default=None, repr=False)  # (P,) float: 1.. for mated, inf beyond max rank, 0 non-mated
     top_scores: np.ndarray | None = field(default=None, repr=False)  # (P,) best cosine over the gallery
     mated: np.ndarray | None = field(default=None, repr=False)  # (P,) bool
+    items: ProbeScores | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, float]:
         flat = {f"rank{rank}": rate for rank, rate in self.cmc.items()}
@@ -83,8 +85,8 @@ class IdentificationResult(ProtocolResult):
             "notes": self.notes,
         }
 
-    def table_row(self) -> dict[str, str]:
-        return identification_row(self.gallery, f"{self.num_mated}/{self.num_non_mated}", self.cmc, self.tpir_at_fpir)
+    def table_row(self, intervals=None) -> dict[str, str]:
+        return identification_row(self.gallery, f"{self.num_mated}/{self.num_non_mated}", self.cmc, self.tpir_at_fpir, intervals)
 
     def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
         depth = max(self.cmc)
@@ -93,16 +95,140 @@ class IdentificationResult(ProtocolResult):
         return "cmc", ranks, (mated_ranks[:, None] <= ranks[None, :]).mean(axis=0)
 
 
-def identification_row(gallery: str, probes: str, cmc: dict, tpir_at_fpir: dict) -> dict[str, str]:
+def identification_row(gallery: str, probes: str, cmc: dict, tpir_at_fpir: dict, intervals=None) -> dict[str, str]:
     """The table cells every identification result shows (the same headers for all of them)."""
-
-    def percent(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.2f}"
-
+    intervals = intervals or {}
     row = {"gallery": gallery, "probes (mated/non-mated)": probes}
-    row.update({f"rank-{rank} (%)": percent(cmc.get(rank)) for rank in TABLE_RANKS})
-    row.update({f"TPIR@FPIR={fpir:.0e} (%)": percent(tpir_at_fpir.get(fpir)) for fpir in TABLE_FPIRS})
+    row.update(
+        {f"rank-{rank} (%)": interval_cell(cmc.get(rank), intervals.get(f"rank{rank}"), percent=True) for rank in TABLE_RANKS}
+    )
+    row.update(
+        {
+            f"TPIR@FPIR={fpir:.0e} (%)": interval_cell(tpir_at_fpir.get(fpir), intervals.get(f"tpir@fpir={fpir:.0e}"), percent=True)
+            for fpir in TABLE_FPIRS
+        }
+    )
     return row
+
+
+def fpir_threshold(non_mated_top: np.ndarray, weights: np.ndarray, fpir: float) -> float | None:
+    """The cosine a search's top score must exceed so that at most floor(FPIR * N) of the N (weighted)
+    non-mated searches alarm: the (k+1)-th highest of their top scores; None where k < 1."""
+    order = np.argsort(-non_mated_top, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    allowed = int(np.floor(fpir * cumulative[-1] + 1e-9)) if len(cumulative) else 0  # 1e-9: 0.29 * 100 is 28.99...
+    if allowed < 1:
+        return None
+    return float(non_mated_top[order][np.searchsorted(cumulative, allowed, side="right")])
+
+
+class ProbeScores(ScoredItems):
+    """The probes of an identification result: rank, top score and whether mated; units are the
+    probes' identities (the gallery is fixed), sides the probe's image or template
+    (facerec.evaluation.scored). `metrics` recomputes the CMC and TPIR@FPIR of `identify`."""
+
+    kind = "identification"
+
+    def __init__(self, ranks, top_scores, mated, cmc_ranks=RANKS, fpirs=FPIRS):
+        super().__init__(len(ranks))
+        self.ranks = np.asarray(ranks, dtype=np.float64)
+        self.top_scores = np.asarray(top_scores, dtype=np.float64)
+        self.mated = np.asarray(mated, dtype=bool)
+        self.cmc_ranks = tuple(int(rank) for rank in cmc_ranks)
+        self.fpirs = tuple(float(fpir) for fpir in fpirs)
+
+    def label_array(self) -> np.ndarray:
+        return self.mated
+
+    def metrics(self, weights=None) -> dict[str, float | None]:
+        w = weights_or_ones(weights, self.num_items)
+        mated_weight = w * self.mated
+        flat: dict[str, float | None] = {
+            f"rank{rank}": float(np.sum(mated_weight * (self.ranks <= rank)) / mated_weight.sum()) for rank in self.cmc_ranks
+        }
+        rank_one = mated_weight * (self.ranks == 1)
+        for fpir in self.fpirs:
+            threshold = fpir_threshold(self.top_scores[~self.mated], w[~self.mated], fpir)
+            if threshold is not None:
+                flat[f"tpir@fpir={fpir:.0e}"] = float(np.sum(rank_one * (self.top_scores > threshold)) / mated_weight.sum())
+        return flat
+
+    def kind_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "ranks": self.ranks, "top_scores": self.top_scores, "mated": self.mated,
+            "cmc_ranks": np.asarray(self.cmc_ranks), "fpirs": np.asarray(self.fpirs),
+        }  # fmt: skip
+
+    @classmethod
+    def from_kind_arrays(cls, arrays) -> ProbeScores:
+        return cls(arrays["ranks"], arrays["top_scores"], arrays["mated"], arrays["cmc_ranks"], arrays["fpirs"])
+
+    def error_versus_reject(self, fractions) -> dict[str, np.ndarray]:
+        """FNIR (a mated search not returning its mate at rank 1 above the threshold) against the
+        fraction of mated probes rejected for low quality, the threshold fixed before rejection at
+        each table FPIR over all non-mated searches (the smallest reachable FPIR, 1 / N, where the
+        set has too few)."""
+        order = rejection_order(self.quality, self.mated)
+        non_mated = self.top_scores[~self.mated]
+        if not len(non_mated):  # a closed set (TinyFace): no threshold, the rank-1 miss rate
+            return {"rank-1 miss rate": error_after_rejection(self.ranks[order] != 1, fractions)}
+        curves = {}
+        for fpir in sorted({max(fpir, 1 / len(non_mated)) for fpir in TABLE_FPIRS}, reverse=True):
+            threshold = fpir_threshold(non_mated, np.ones(len(non_mated)), fpir)
+            errors = ~((self.ranks[order] == 1) & (self.top_scores[order] > threshold))
+            curves[f"FNIR@FPIR={fpir:.0e}"] = error_after_rejection(errors, fractions)
+        return curves
+
+
+class GalleryScores(ScoredItems):
+    """One probe set's `ProbeScores` in several galleries: the same probes and units, metrics the mean
+    over galleries and each gallery's own (`MultiGalleryResult.summary()`)."""
+
+    kind = "galleries"
+
+    def __init__(self, galleries: dict[str, ProbeScores]):
+        first = next(iter(galleries.values()))
+        super().__init__(first.num_items)
+        self.galleries = galleries
+        self.set_units(first.units, first.unit_names, first.unit_kind)
+
+    def set_sides(self, sides, image_group) -> None:
+        super().set_sides(sides, image_group)
+        for items in self.galleries.values():
+            items.set_sides(sides, image_group)
+
+    def set_quality(self, image_quality) -> None:
+        super().set_quality(image_quality)
+        for items in self.galleries.values():
+            items.quality = self.quality
+
+    def label_array(self) -> np.ndarray:
+        return np.stack([items.mated for items in self.galleries.values()], axis=1)
+
+    def metrics(self, weights=None) -> dict[str, float | None]:
+        each = {name: items.metrics(weights) for name, items in self.galleries.items()}
+        keys = list(dict.fromkeys(key for metrics in each.values() for key in metrics))
+        flat = {key: float(np.mean([m[key] for m in each.values()])) for key in keys if all(key in m for m in each.values())}
+        flat.update({f"{name}/{key}": value for name, metrics in each.items() for key, value in metrics.items()})
+        return flat
+
+    def kind_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"galleries": np.asarray(list(self.galleries))}
+        for name, items in self.galleries.items():
+            arrays.update({f"{name}.{key}": value for key, value in items.kind_arrays().items()})
+        return arrays
+
+    @classmethod
+    def from_kind_arrays(cls, arrays) -> GalleryScores:
+        names = [str(name) for name in arrays["galleries"]]
+        return cls(
+            {name: ProbeScores.from_kind_arrays({k[len(name) + 1 :]: v for k, v in arrays.items() if k.startswith(f"{name}.")}) for name in names}
+        )
+
+    def error_versus_reject(self, fractions) -> dict[str, np.ndarray]:
+        curves = {name: items.error_versus_reject(fractions) for name, items in self.galleries.items()}
+        labels = next(iter(curves.values()))
+        return {label: np.mean([c[label] for c in curves.values()], axis=0) for label in labels}
 
 
 def _features(name: str, x) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +318,17 @@ def _first_of_their_id(ids: np.ndarray) -> np.ndarray:
     return first
 
 
+def checked_ranks_fpirs(ranks, fpirs) -> tuple[list[int], tuple[float, ...]]:
+    """(sorted distinct ranks, fpirs), each checked: ranks positive integers, FPIRs in (0, 1)."""
+    ranks = sorted({int(rank) for rank in ranks})
+    if not ranks or ranks[0] < 1:
+        raise ValueError(f"ranks must be positive integers, got {ranks}")
+    fpirs = tuple(float(fpir) for fpir in fpirs)
+    if any(not 0 < fpir < 1 for fpir in fpirs):
+        raise ValueError(f"fpirs must lie in (0, 1), got {fpirs}")
+    return ranks, fpirs
+
+
 def identify(
     gallery,
     gallery_ids,
@@ -217,12 +354,7 @@ def identify(
         raise ValueError(f"gallery and probes must have the same feature size, got {gallery.shape[1]} and {probes.shape[1]}")
     gallery_ids = _ids("gallery_ids", gallery_ids, len(gallery), "gallery")
     probe_ids = _ids("probe_ids", probe_ids, len(probes), "probes")
-    ranks = sorted({int(rank) for rank in ranks})
-    if not ranks or ranks[0] < 1:
-        raise ValueError(f"ranks must be positive integers, got {ranks}")
-    fpirs = tuple(float(fpir) for fpir in fpirs)
-    if any(not 0 < fpir < 1 for fpir in fpirs):
-        raise ValueError(f"fpirs must lie in (0, 1), got {fpirs}")
+    ranks, fpirs = checked_ranks_fpirs(ranks, fpirs)
     if search not in SEARCH_MODES:
         raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
     if search == "auto":
@@ -283,7 +415,16 @@ def identify(
         ranks=probe_ranks,
         top_scores=top_scores,
         mated=mated,
+        items=probe_items(probe_ranks, top_scores, mated, probe_codes, names, ranks, fpirs),
     )
+
+
+def probe_items(ranks, top_scores, mated, probe_codes, names, cmc_ranks, fpirs) -> ProbeScores:
+    """`ProbeScores` whose units are the probes' identities (codes into `names`)."""
+    items = ProbeScores(ranks, top_scores, mated, cmc_ranks, fpirs)
+    used, units = np.unique(probe_codes, return_inverse=True)
+    items.set_units(np.c_[units, np.full(len(units), -1)], names[used].astype(str), "identity")
+    return items
 
 
 @dataclass
@@ -295,6 +436,11 @@ class MultiGalleryResult(ProtocolResult):
 
     galleries: dict[str, IdentificationResult]
     notes: list[str] = field(default_factory=list)
+    items: GalleryScores | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.items is None and all(result.items is not None for result in self.galleries.values()):
+            self.items = GalleryScores({name: result.items for name, result in self.galleries.items()})
 
     def _mean(self, metric: str) -> dict:
         values = [getattr(result, metric) for result in self.galleries.values()]
@@ -329,10 +475,10 @@ class MultiGalleryResult(ProtocolResult):
             "notes": self.notes,
         }
 
-    def table_row(self) -> dict[str, str]:
+    def table_row(self, intervals=None) -> dict[str, str]:
         names = ", ".join(self.galleries)
         probes = ", ".join(f"{name} {r.num_mated}/{r.num_non_mated}" for name, r in self.galleries.items())
-        return identification_row(f"mean of {names}", probes, self.cmc, self.tpir_at_fpir)
+        return identification_row(f"mean of {names}", probes, self.cmc, self.tpir_at_fpir, intervals)
 
     def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
         curves = [result.curve() for result in self.galleries.values()]

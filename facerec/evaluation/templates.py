@@ -34,8 +34,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from facerec.evaluation.result import ProtocolResult
-from facerec.evaluation.verification import area_under_curve, tar_at_far
+from facerec.evaluation.result import ProtocolResult, interval_cell
+from facerec.evaluation.scored import ScoredItems, weights_or_ones
+from facerec.evaluation.verification import area_under_curve, binary_error_versus_reject, tar_at_far
 
 TEMPLATE_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FUSIONS = ("mean", "norm_weighted")
@@ -63,6 +64,7 @@ class TemplateResult(ProtocolResult):
     scores: np.ndarray | None = field(default=None, repr=False)  # (P,) cosine per pair, input order
     fpr: np.ndarray | None = field(default=None, repr=False)  # sklearn roc_curve (drop_intermediate=True)
     tpr: np.ndarray | None = field(default=None, repr=False)
+    items: TemplateScores | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, float]:
         flat = {"auc": self.auc}
@@ -84,10 +86,16 @@ class TemplateResult(ProtocolResult):
             "notes": list(self.notes),
         }
 
-    def table_row(self) -> dict[str, str]:
+    def table_row(self, intervals=None) -> dict[str, str]:
+        intervals = intervals or {}
         row = {"templates": str(self.num_templates), "pairs": str(self.num_pairs)}
-        row.update({f"TAR@FAR={far:.0e} (%)": f"{100 * tar:.2f}" for far, tar in self.tar_at_far.items()})
-        row["AUC"] = f"{self.auc:.4f}"
+        row.update(
+            {
+                f"TAR@FAR={far:.0e} (%)": interval_cell(tar, intervals.get(f"tar@far={far:.0e}"), percent=True)
+                for far, tar in self.tar_at_far.items()
+            }
+        )
+        row["AUC"] = interval_cell(self.auc, intervals.get("auc"), percent=False)
         return row
 
     def curve(self) -> tuple[str, np.ndarray, np.ndarray]:
@@ -223,6 +231,58 @@ def roc_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return 1 + ends - tps, tps
 
 
+def template_rates(fps: np.ndarray, tps: np.ndarray, fars, num_impostor: float) -> dict[str, float]:
+    """A template result's metrics from its ROC counts (`summary()` keys): AUC and the nearest-FPR TAR
+    on the sklearn ROC, the strict TAR on the full one where >= 1 / FAR impostors resolve it."""
+    fpr, tpr = sklearn_roc(fps, tps)
+    full_fpr, full_tpr = np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
+    flat = {"auc": area_under_curve(fpr, tpr)}
+    flat.update({f"tar@far={far:.0e}": nearest_fpr_tar(fpr, tpr, far) for far in fars})
+    strict = tar_at_far(full_fpr, full_tpr, fars)
+    flat.update({f"tar_strict@far={far:.0e}": float(t) for far, t in zip(fars, strict) if num_impostor * far >= 1})
+    return flat
+
+
+class TemplateScores(ScoredItems):
+    """The template pairs of a template result: cosine and label; units are the two templates (the
+    1:1 meta files name no subjects); sides are the templates, so an image's quality counts towards
+    its template's (facerec.evaluation.scored)."""
+
+    kind = "templates"
+
+    def __init__(self, scores, labels, fars=TEMPLATE_FARS):
+        super().__init__(len(scores))
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.labels = np.asarray(labels, dtype=bool)
+        self.fars = tuple(float(far) for far in fars)
+        self.order = np.argsort(self.scores, kind="mergesort")[::-1]
+        self.ends = np.r_[np.flatnonzero(np.diff(self.scores[self.order])), len(self.scores) - 1]
+        self.ordered_labels = self.labels[self.order]
+
+    def label_array(self) -> np.ndarray:
+        return self.labels
+
+    def metrics(self, weights=None) -> dict[str, float | None]:
+        if weights is None:
+            return template_rates(*roc_counts(self.scores, self.labels), self.fars, float((~self.labels).sum()))
+        w = weights_or_ones(weights, self.num_items)[self.order]
+        tps = np.cumsum(w * self.ordered_labels)[self.ends]
+        fps = np.cumsum(w)[self.ends] - tps
+        if tps[-1] == 0 or fps[-1] == 0:  # a replicate without one of the classes measures nothing
+            return {}
+        return template_rates(fps, tps, self.fars, float(fps[-1]))
+
+    def kind_arrays(self) -> dict[str, np.ndarray]:
+        return {"scores": self.scores, "labels": self.labels, "fars": np.asarray(self.fars)}
+
+    @classmethod
+    def from_kind_arrays(cls, arrays) -> TemplateScores:
+        return cls(arrays["scores"], arrays["labels"], arrays["fars"])
+
+    def error_versus_reject(self, fractions) -> dict[str, np.ndarray]:
+        return binary_error_versus_reject(self.scores, self.labels, self.quality, fractions)
+
+
 def sklearn_roc(fps: np.ndarray, tps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) as sklearn.metrics.roc_curve(drop_intermediate=True): collinear points dropped, (0, 0) first."""
     if len(fps) > 2:
@@ -279,6 +339,9 @@ def verify_templates(
             f"{len(unknown)} template pairs name a template with no images, first: pair {k} = {template_pairs[k].tolist()}"
         )
     scores = template_scores(template_features, rows[:, 0], rows[:, 1], batch, block)
+    items = TemplateScores(scores, labels, fars)
+    items.set_units(rows, template_ids.astype(str), "template")
+    items.set_sides(rows, np.searchsorted(template_ids, np.asarray(templates)))
 
     fps, tps = roc_counts(scores, labels)
     fpr, tpr = sklearn_roc(fps, tps)
@@ -309,4 +372,5 @@ def verify_templates(
         scores=scores,
         fpr=fpr,
         tpr=tpr,
+        items=items,
     )

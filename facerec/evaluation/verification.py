@@ -16,12 +16,13 @@ lists its 500 same pairs first). The result says which policy was used.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
 
-from facerec.evaluation.result import ProtocolResult
+from facerec.evaluation.result import ProtocolResult, interval_cell
+from facerec.evaluation.scored import ScoredItems, error_after_rejection, rejection_order, weights_or_ones
 
 FARS = (1e-1, 1e-2, 1e-3, 1e-4)
 REPORTED_FAR = 1e-3  # the TAR@FAR column of the pairs table
@@ -44,6 +45,7 @@ class VerificationResult(ProtocolResult):
     notes: list[str] = field(default_factory=list)
     fpr: np.ndarray | None = field(default=None, repr=False)  # the full ROC, one point per distinct score
     tpr: np.ndarray | None = field(default=None, repr=False)
+    items: PairScores | None = field(default=None, repr=False)  # per-pair scores, labels and folds
 
     def summary(self) -> dict[str, float]:
         """Flat float metrics (for loggers)."""
@@ -61,18 +63,21 @@ class VerificationResult(ProtocolResult):
 
     def to_dict(self) -> dict:
         """Everything but the ROC arrays, JSON-ready (FAR keys as "1e-03")."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("fpr", "tpr")}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fpr", "tpr", "items")}
+        data["fold_accuracies"], data["fold_thresholds"], data["notes"] = list(self.fold_accuracies), list(self.fold_thresholds), list(self.notes)
         data["tar_at_far"] = {f"{far:.0e}": tar for far, tar in self.tar_at_far.items()}
         return data
 
-    def table_row(self) -> dict[str, str]:
-        tar = self.tar_at_far.get(REPORTED_FAR)
+    def table_row(self, intervals=None) -> dict[str, str]:
+        intervals = intervals or {}
+        tar_key = f"tar@far={REPORTED_FAR:.0e}"
         return {
             "pairs": str(self.num_pairs),
-            "accuracy (%)": f"{100 * self.accuracy:.2f} ± {100 * self.accuracy_std:.2f}",
-            f"TAR@FAR={REPORTED_FAR:.0e} (%)": "n/a" if tar is None else f"{100 * tar:.2f}",
-            "AUC": f"{self.auc:.4f}",
-            "EER (%)": f"{100 * self.eer:.2f}",
+            "accuracy (%)": interval_cell(self.accuracy, intervals.get("accuracy"), percent=True),
+            "fold std (%)": f"{100 * self.accuracy_std:.2f}",
+            f"TAR@FAR={REPORTED_FAR:.0e} (%)": interval_cell(self.tar_at_far.get(REPORTED_FAR), intervals.get(tar_key), percent=True),
+            "AUC": interval_cell(self.auc, intervals.get("auc"), percent=False),
+            "EER (%)": interval_cell(self.eer, intervals.get("eer"), percent=True),
             "folds": self.fold_policy,
         }
 
@@ -119,18 +124,23 @@ def cosine_scores(emb1, emb2) -> np.ndarray:
 def best_threshold(scores: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
     """(threshold, accuracy) maximising accuracy of `score > threshold`; lowest threshold on ties."""
     order = np.argsort(scores, kind="stable")
-    s, y = scores[order], issame[order]
+    return sorted_best_threshold(scores[order], issame[order], None)
+
+
+def sorted_best_threshold(s: np.ndarray, y: np.ndarray, w: np.ndarray | None) -> tuple[float, float]:
+    """`best_threshold` of scores `s` sorted ascending, labels `y`, item weights `w` (None: 1 each, else > 0)."""
     n = len(s)
+    w = np.ones(n) if w is None else w
     # Cut k = 0..n predicts "same" for sorted items k..n-1: TN = different among the first k.
-    tn = np.concatenate([[0], np.cumsum(~y)])
-    tp = y.sum() - np.concatenate([[0], np.cumsum(y)])
+    tn = np.concatenate([[0], np.cumsum(w * ~y)])
+    tp = (w * y).sum() - np.concatenate([[0], np.cumsum(w * y)])
     realisable = np.ones(n + 1, dtype=bool)
     realisable[1:n] = s[1:] > s[:-1]  # no threshold separates equal scores
     correct = np.where(realisable, tp + tn, -1)
     k = int(np.argmax(correct))
     lower = s[k - 1] if k > 0 else s[0] - 1.0
     upper = s[k] if k < n else s[-1] + 1.0
-    return float((lower + upper) / 2), float(correct[k] / n)
+    return float((lower + upper) / 2), float(correct[k] / w.sum())
 
 
 def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,11 +148,16 @@ def roc_curve(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.nd
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], issame[order]
     last_of_run = np.r_[s[1:] != s[:-1], True]
-    tps = np.cumsum(y)[last_of_run]
-    fps = np.cumsum(~y)[last_of_run]
-    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
-    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
+    fpr, tpr = weighted_roc(y, last_of_run, None)
     return fpr, tpr, np.r_[np.inf, s[last_of_run]]
+
+
+def weighted_roc(y: np.ndarray, last_of_run: np.ndarray, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) from labels `y` in descending score order, `last_of_run` marking each distinct
+    score's last item, with item weights `w` (None: 1 each; 0 leaves an item out)."""
+    positive, negative = (y, ~y) if w is None else (w * y, w * ~y)
+    tps, fps = np.cumsum(positive)[last_of_run], np.cumsum(negative)[last_of_run]
+    return np.r_[0.0, fps / max(fps[-1], 1e-300)], np.r_[0.0, tps / max(tps[-1], 1e-300)]
 
 
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars) -> np.ndarray:
@@ -243,6 +258,7 @@ def verify(emb1, emb2, issame, n_folds: int = 10, folds=None, fars=FARS, seed: i
         fold_thresholds.append(threshold)
         fold_accuracies.append(float(np.mean((scores[test] > threshold) == issame[test])))
     fpr, tpr, _ = roc_curve(scores, issame)
+    items = PairScores(scores, issame, fold_ids, fold_thresholds, fars)
     n_different = int((~issame).sum())
     tars = tar_at_far(fpr, tpr, fars)
     resolved: dict[float, float | None] = {}
@@ -267,4 +283,100 @@ def verify(emb1, emb2, issame, n_folds: int = 10, folds=None, fars=FARS, seed: i
         notes=notes,
         fpr=fpr,
         tpr=tpr,
+        items=items,
     )
+
+
+class PairScores(ScoredItems):
+    """The pairs of a pair-verification result: cosine, label, fold and the fold's held-out threshold
+    (facerec.evaluation.scored). `metrics` recomputes `VerificationResult.summary()`: 10-fold accuracy
+    with each fold's threshold chosen again on the other folds' weighted pairs, the ROC, AUC, EER and
+    TAR@FAR, the same functions as `verify` on the same folds."""
+
+    kind = "pairs"
+
+    def __init__(self, scores, issame, folds, fold_thresholds, fars=FARS):
+        super().__init__(len(scores))
+        self.scores = np.asarray(scores, dtype=np.float64)
+        self.issame = np.asarray(issame, dtype=bool)
+        self.folds = np.asarray(folds, dtype=np.int64)
+        self.fold_thresholds = np.asarray(fold_thresholds, dtype=np.float64)
+        self.fars = tuple(float(far) for far in fars)
+        self.descending = np.argsort(-self.scores, kind="stable")
+        ordered = self.scores[self.descending]
+        self.last_of_run = np.r_[ordered[1:] != ordered[:-1], True]
+        ascending = np.argsort(self.scores, kind="stable")
+        self.fold_ids = np.unique(self.folds)
+        self.training_order = {f: ascending[self.folds[ascending] != f] for f in self.fold_ids}
+
+    def label_array(self) -> np.ndarray:
+        return np.c_[self.issame, self.folds]
+
+    def decisions(self) -> np.ndarray:
+        """Each pair's held-out decision ("same" when its cosine exceeds its fold's threshold) is right."""
+        threshold = self.fold_thresholds[np.searchsorted(self.fold_ids, self.folds)]
+        return (self.scores > threshold) == self.issame
+
+    def metrics(self, weights=None) -> dict[str, float | None]:
+        w = weights_or_ones(weights, self.num_items)
+        different = float(np.sum(w * ~self.issame))
+        if different == 0 or different == w.sum():  # a replicate without one of the classes measures nothing
+            return {}
+        accuracies = []
+        for fold in self.fold_ids:
+            held_out = (self.folds == fold) & (w > 0)
+            order = self.training_order[fold]
+            order = order[w[order] > 0]
+            if not held_out.any() or not order.size:
+                continue
+            threshold, _ = sorted_best_threshold(self.scores[order], self.issame[order], w[order])
+            correct = (self.scores[held_out] > threshold) == self.issame[held_out]
+            accuracies.append(float(np.sum(w[held_out] * correct) / np.sum(w[held_out])))
+        present = np.flatnonzero(w > 0)
+        ascending = present[np.argsort(self.scores[present], kind="stable")]
+        y, sw = self.issame[self.descending], w[self.descending]
+        fpr, tpr = weighted_roc(y, self.last_of_run, sw)
+        flat: dict[str, float | None] = {
+            "accuracy": float(np.mean(accuracies)),
+            "accuracy_std": float(np.std(accuracies)),
+            "threshold": sorted_best_threshold(self.scores[ascending], self.issame[ascending], w[ascending])[0],
+            "auc": area_under_curve(fpr, tpr),
+            "eer": equal_error_rate(fpr, tpr),
+        }
+        for far, tar in zip(self.fars, tar_at_far(fpr, tpr, self.fars)):
+            if different * far >= 1:
+                flat[f"tar@far={far:.0e}"] = float(tar)
+        return flat
+
+    def kind_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "scores": self.scores, "issame": self.issame, "folds": self.folds,
+            "fold_thresholds": self.fold_thresholds, "fars": np.asarray(self.fars),
+        }  # fmt: skip
+
+    @classmethod
+    def from_kind_arrays(cls, arrays) -> PairScores:
+        return cls(arrays["scores"], arrays["issame"], arrays["folds"], arrays["fold_thresholds"], arrays["fars"])
+
+    def error_versus_reject(self, fractions) -> dict[str, np.ndarray]:
+        return binary_error_versus_reject(self.scores, self.issame, self.quality, fractions)
+
+
+ERC_FMRS = (1e-3, 1e-4)
+
+
+def binary_error_versus_reject(scores, genuine, quality, fractions, fmrs=ERC_FMRS) -> dict[str, np.ndarray]:
+    """FNMR against the fraction of genuine comparisons rejected for low quality, at thresholds fixed
+    before rejection so that FMR <= each of `fmrs` over all impostor comparisons (Grother and Tabassi,
+    IEEE TPAMI 2007); an FMR below 1 / impostors is replaced by the set's smallest reachable one,
+    1 / impostors, and the curve is labelled with the FMR it used."""
+    impostor = np.sort(scores[~genuine])[::-1]
+    order = rejection_order(quality, genuine)
+    curves = {}
+    if not len(impostor) or not len(order):
+        return curves
+    for fmr in sorted({max(fmr, 1 / len(impostor)) for fmr in fmrs}, reverse=True):
+        allowed = int(np.floor(fmr * len(impostor) + 1e-9))
+        threshold = impostor[allowed] if allowed < len(impostor) else -np.inf  # at most `allowed` impostors above it
+        curves[f"FNMR@FMR={fmr:.0e}"] = error_after_rejection(scores[order] <= threshold, fractions)
+    return curves

@@ -6,7 +6,11 @@ Each run's local CSV log (`csv/metrics.csv`, written by `logger=csv` or `logger=
 (facerec.tools.runs); W&B offline files are not needed (in wandb >= 0.16 they are binary protobuf).
 Runs are grouped by the keys their sweep varied (the multirun.yaml of each directory; seeds are
 aggregated): one group per setting, e.g. `scale=fixed` and `scale=auto`, each with mean ± std over
-its seeds.
+its seeds. Where the runs saved their last validation's scored items (`val_scores.npz`,
+save_val_scores=true, the default), each setting's final metric is compared with a baseline setting
+(the first, or --baseline) by a paired two-level bootstrap over seeds and identities
+(facerec.evaluation.bootstrap.paired_runs): the table gives the difference, its 95 % interval and
+whether it is resolved (the interval excludes 0).
 
 Raw cross-entropy is not comparable across different s (its floor and slope depend on s), so the
 comparison rests on held-out verification accuracy and TAR@FAR, the median target angle theta_med
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.evaluation import VAL_SCORES_FILE, Bootstrap, ScoredItems, read_scores
+from facerec.evaluation.bootstrap import Difference, paired_runs
 from facerec.tools.markdown import format_mean_std, markdown
 from facerec.tools.runs import DEFAULT_METRIC, TRAIN_TAIL, Run, group_runs, load_runs, mean_std, median_grad_norm
 
@@ -86,8 +92,77 @@ def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: f
     ]
 
 
-def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METRIC) -> str:
-    """One row per setting: mean ± std over its runs (± only where there are several)."""
+def scored_metric(metric: str):
+    """The logged validation series `metric` as a function of the runs' scored items (and weights):
+    val/accuracy_mean, the mean accuracy of the sets that report one, or val/<set>/<key>."""
+    if metric == "val/accuracy_mean":
+
+        def value(items: dict[str, ScoredItems], weights) -> float:
+            found = [items[n].metrics(None if weights is None else weights[n]) for n in sorted(items)]
+            return float(np.mean([m["accuracy"] for m in found if "accuracy" in m]))
+
+        return value
+    match = re.fullmatch(r"val/([^/]+)/(.+)", metric)
+    if not match:
+        raise ValueError(f"no paired comparison for {metric!r}: expected val/accuracy_mean or val/<set>/<metric>")
+    name, key = match.groups()
+
+    def value(items: dict[str, ScoredItems], weights) -> float:
+        result = items[name].metrics(None if weights is None else weights[name]).get(key)
+        if result is None:
+            raise ValueError(f"{metric} is undefined on this sample")
+        return result
+
+    return value
+
+
+def _by_seed(runs: Sequence[Run]) -> list[Run]:
+    return sorted(runs, key=lambda run: (run.overrides.get("seed", ""), str(run.path)))
+
+
+def paired_differences(
+    groups: dict[str, list[Run]], metric: str, baseline: str | None, bootstrap: Bootstrap
+) -> tuple[str, dict[str, Difference | None], list[str]]:
+    """(baseline label, {label: Difference against it, None where not computable}, notes)."""
+    baseline = baseline or next(iter(groups))
+    if baseline not in groups:
+        raise ValueError(f"--baseline {baseline!r} is not a setting of these runs: {list(groups)}")
+    notes: list[str] = []
+    scores = {run.path: run.path / VAL_SCORES_FILE for group in groups.values() for run in group}
+    missing = [str(path.parent) for path in scores.values() if not path.is_file()]
+    if missing:
+        notes.append(f"no paired intervals: {len(missing)} runs saved no {VAL_SCORES_FILE} (train with save_val_scores=true), e.g. {missing[0]}")
+        return baseline, {}, notes
+    items = {path: read_scores(file) for path, file in scores.items()}
+    value = scored_metric(metric)
+    reference_runs = _by_seed(groups[baseline])
+    reference = [items[run.path] for run in reference_runs]
+    seeds = [run.overrides.get("seed") for run in reference_runs]
+    differences: dict[str, Difference | None] = {}
+    for label, group in groups.items():
+        if label == baseline:
+            continue
+        runs = _by_seed(group)
+        if [run.overrides.get("seed") for run in runs] != seeds:
+            differences[label] = None
+            notes.append(f"`{label}`: no paired interval (seeds {[r.overrides.get('seed') for r in runs]}, the baseline's {seeds})")
+            continue
+        try:
+            differences[label] = paired_runs(reference, [items[run.path] for run in runs], value, bootstrap)
+        except (ValueError, KeyError) as error:
+            differences[label] = None
+            notes.append(f"`{label}`: no paired interval ({error})")
+    return baseline, differences, notes
+
+
+def markdown_table(
+    summaries: Sequence[GroupSummary],
+    metric: str = DEFAULT_METRIC,
+    paired: tuple[str, dict[str, Difference | None], float] | None = None,
+) -> str:
+    """One row per setting: mean ± std over its runs (± only where there are several); with `paired`
+    (baseline, differences, level), the difference of the final metric from the baseline setting, its
+    interval and whether it is resolved."""
     tar = next((s.tar_metric for s in summaries if s.tar_metric), None)
     tar_header = f"TAR@FAR={tar.rsplit('=', 1)[1]} (%)" if tar else "TAR@FAR (%)"
     header = [
@@ -106,7 +181,23 @@ def markdown_table(summaries: Sequence[GroupSummary], metric: str = DEFAULT_METR
             format_mean_std(*v["loss"], digits=2), format_mean_std(*v["grad_norm"], digits=2),
             format_mean_std(*v["steps_to_95"], digits=0), format_mean_std(*v["wall_time_s"], 1 / 60),
         ])  # fmt: skip
+        if paired:
+            rows[-1] += _paired_cells(summary.label, metric, *paired[:2])
+    if paired:
+        unit = "" if metric.endswith("/auc") else " (pp)"
+        header += [f"final − `{paired[0]}`{unit} [{paired[2]:.0%} interval]", "resolved"]
     return markdown(header, rows)
+
+
+def _paired_cells(label: str, metric: str, baseline: str, differences: dict[str, Difference | None]) -> list[str]:
+    if label == baseline:
+        return ["baseline", ""]
+    found = differences.get(label)
+    if found is None or found.interval is None:
+        return ["–", "–"]
+    (scale, digits), (low, high) = ((1, 4) if metric.endswith("/auc") else (100, 2)), found.interval
+    cell = f"{scale * found.difference:+.{digits}f} [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+    return [cell, "yes" if found.resolved else "no"]
 
 
 PANELS = [  # metric (None: the compared one), y label, smooth the per-batch values, log y axis
@@ -173,7 +264,13 @@ def plot_comparison(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, 
 
 
 def compare(
-    sweep_dirs: Sequence[Path], out_dir: Path, metric: str = DEFAULT_METRIC, far: float | None = 1e-3, name: str = "comparison"
+    sweep_dirs: Sequence[Path],
+    out_dir: Path,
+    metric: str = DEFAULT_METRIC,
+    far: float | None = 1e-3,
+    name: str = "comparison",
+    baseline: str | None = None,
+    bootstrap: Bootstrap = Bootstrap(),
 ) -> tuple[Path, Path, str]:
     """Write `<out_dir>/<name>.png` and `<name>.md` for the runs of `sweep_dirs`; returns both paths and the table."""
     import matplotlib
@@ -183,7 +280,13 @@ def compare(
 
     runs, keys = load_runs(sweep_dirs)
     groups = group_runs(runs, keys)
-    table = markdown_table(summarize(groups, metric, far), metric)
+    paired, notes = None, []
+    if len(groups) > 1 and bootstrap.resamples:
+        baseline, differences, notes = paired_differences(groups, metric, baseline, bootstrap)
+        paired = (baseline, differences, bootstrap.level) if differences else None
+    table = markdown_table(summarize(groups, metric, far), metric, paired)
+    if notes:
+        table += "\n\n" + "\n".join(f"- {note}" for note in notes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the sweeps' names; a single run dir stands for its sweep (the parent of the numbered dir)
@@ -195,7 +298,8 @@ def compare(
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
     table_path.write_text(
         f"Runs: {sources}. Mean ± std over seeds; train values at the end are means over the last "
-        f"{TRAIN_TAIL:.0%} of steps; wall time from each run's train.log.\n\n{table}\n"
+        f"{TRAIN_TAIL:.0%} of steps; wall time from each run's train.log. Paired differences: seed k against "
+        f"seed k, {bootstrap.resamples} two-level resamples (seeds and identities), percentile interval.\n\n{table}\n"
     )
     return figure_path, table_path, table
 
@@ -207,9 +311,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"the compared validation metric (default {DEFAULT_METRIC})")
     parser.add_argument("--far", type=float, default=1e-3, help="TAR at this FAR (else the smallest FAR logged)")
     parser.add_argument("--name", default="comparison", help="file name stem of the figure and table (default: comparison)")
+    parser.add_argument("--baseline", help="the setting the others are compared with (default: the first)")
+    parser.add_argument("--resamples", type=int, default=1000, help="paired bootstrap replicates (0: no paired columns)")
     args = parser.parse_args(argv)
     try:
-        figure_path, table_path, table = compare(args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.far, args.name)
+        figure_path, table_path, table = compare(
+            args.sweep_dirs, args.out or args.sweep_dirs[0], args.metric, args.far, args.name, args.baseline, Bootstrap(args.resamples)
+        )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.compare: {error}") from None
     print(table)

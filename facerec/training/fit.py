@@ -22,7 +22,7 @@ from facerec.backbones.weights import build_backbone, initialise_backbone
 from facerec.checkpoint_files import LAST, RESUME_LAST, checkpoint_config, file_sha256, find_last_checkpoint, load_checkpoint
 from facerec.cluster import slurm_job_id
 from facerec.config import instantiate_all
-from facerec.evaluation import EvaluationProtocol
+from facerec.evaluation import VAL_SCORES_FILE, EvaluationProtocol, ScoringOptions, bootstrap_from
 from facerec.evaluation.evalsets import build_protocols, compose_evalsets, unnamed_overrides
 from facerec.heads import MarginHead
 from facerec.training.checks import check_data_and_model, check_launch, check_precision
@@ -162,6 +162,8 @@ def build_module(
         config=OmegaConf.to_container(cfg, resolve=True),
         max_consecutive_nonfinite=cfg.max_consecutive_nonfinite,
         val_protocols=val_protocols,
+        val_options=ScoringOptions(bootstrap_from(cfg.get("val_bootstrap")), erc=False),  # eval.py draws the quality curves
+        val_scores_path=Path(cfg.paths.output_dir) / VAL_SCORES_FILE if cfg.get("save_val_scores") else None,
         distillation=build_distillation(
             OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None,
             cfg.model.embedding_size,

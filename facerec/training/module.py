@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from facerec import lightning_compat
-from facerec.evaluation import EvaluationMetric, EvaluationProtocol, embed, log_to_wandb, mean_accuracy
+from facerec.evaluation import EvaluationMetric, EvaluationProtocol, ScoringOptions, embed, log_to_wandb, mean_accuracy, write_scores
 from facerec.evaluation.embeddings import begin_cudagraph_step
 from facerec.heads import MarginHead
 from facerec.training.checkpoints import rng_states, set_rng_states
@@ -73,6 +74,8 @@ class FaceRecognitionModule(L.LightningModule):
         max_consecutive_nonfinite: int = 20,
         val_protocols: Mapping[str, EvaluationProtocol] | None = None,
         distillation: Distillation | None = None,
+        val_options: ScoringOptions | None = None,
+        val_scores_path: str | Path | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -83,7 +86,8 @@ class FaceRecognitionModule(L.LightningModule):
         self.config = config
         self.step_guard = NonFiniteStepGuard(max_consecutive_nonfinite)
         self.distillation = distillation
-        self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p) for name, p in (val_protocols or {}).items()})
+        self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p, val_options) for name, p in (val_protocols or {}).items()})
+        self.val_scores_path = None if val_scores_path is None else Path(val_scores_path)
         self.last_validation_step = -1
         self.register_load_state_dict_pre_hook(_rename_keys_of_earlier_modules)
 
@@ -208,7 +212,7 @@ class FaceRecognitionModule(L.LightningModule):
         for name, metric in self.val_metrics.items():
             evaluations[name] = metric.compute()  # gathers every rank's embeddings first
             metric.reset()
-            for key, value in evaluations[name].summary().items():
+            for key, value in {**evaluations[name].summary(), **evaluations[name].bounds()}.items():
                 # equal on every rank (the metric gathered all images); sync_dist only states it
                 self.log(f"val/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
         accuracy_mean = mean_accuracy(evaluations)
@@ -216,6 +220,9 @@ class FaceRecognitionModule(L.LightningModule):
             self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
         if evaluations and self.trainer.is_global_zero:
             log_to_wandb(self.loggers, evaluations, self.global_step)  # per-kind tables, ROC and CMC
+            if self.val_scores_path is not None:  # the last validation's scored items: facerec.tools.compare pairs runs on them
+                self.val_scores_path.parent.mkdir(parents=True, exist_ok=True)
+                write_scores(evaluations, self.val_scores_path)
         self.last_validation_step = self.global_step
 
     # ----------------------------------------------------------- class sharding
