@@ -263,9 +263,7 @@ class TemplateScores(ScoredItems):
         return self.labels
 
     def metrics(self, weights=None) -> dict[str, float | None]:
-        if weights is None:
-            return template_rates(*roc_counts(self.scores, self.labels), self.fars, float((~self.labels).sum()))
-        w = weights_or_ones(weights, self.num_items)[self.order]
+        w = weights_or_ones(weights, self.num_items)[self.order]  # ones: the unweighted counts, exactly (integers in float64)
         tps = np.cumsum(w * self.ordered_labels)[self.ends]
         fps = np.cumsum(w)[self.ends] - tps
         if tps[-1] == 0 or fps[-1] == 0:  # a replicate without one of the classes measures nothing

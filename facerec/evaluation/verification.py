@@ -305,9 +305,9 @@ class PairScores(ScoredItems):
         self.descending = np.argsort(-self.scores, kind="stable")
         ordered = self.scores[self.descending]
         self.last_of_run = np.r_[ordered[1:] != ordered[:-1], True]
-        ascending = np.argsort(self.scores, kind="stable")
+        self.ascending = np.argsort(self.scores, kind="stable")
         self.fold_ids = np.unique(self.folds)
-        self.training_order = {f: ascending[self.folds[ascending] != f] for f in self.fold_ids}
+        self.training_order = {f: self.ascending[self.folds[self.ascending] != f] for f in self.fold_ids}
 
     def label_array(self) -> np.ndarray:
         return np.c_[self.issame, self.folds]
@@ -332,8 +332,7 @@ class PairScores(ScoredItems):
             threshold, _ = sorted_best_threshold(self.scores[order], self.issame[order], w[order])
             correct = (self.scores[held_out] > threshold) == self.issame[held_out]
             accuracies.append(float(np.sum(w[held_out] * correct) / np.sum(w[held_out])))
-        present = np.flatnonzero(w > 0)
-        ascending = present[np.argsort(self.scores[present], kind="stable")]
+        ascending = self.ascending[w[self.ascending] > 0]  # the stable order of the present pairs, no sort per replicate
         y, sw = self.issame[self.descending], w[self.descending]
         fpr, tpr = weighted_roc(y, self.last_of_run, sw)
         flat: dict[str, float | None] = {
