@@ -7,13 +7,15 @@ implementations a user would otherwise pick.
 Our heads run `head.loss(embeddings, labels)`, the path training takes. The reference columns:
 pytorch-metric-learning's CosFaceLoss, ArcFaceLoss and SubCenterArcFaceLoss (the library itself,
 where installed: the dev extra), and, re-created here from their published code with plain
-autograd, the official AdaFace head (mk-minchul/AdaFace `head.py`: dense one-hot margins) and
+autograd, the official AdaFace head (mk-minchul/AdaFace `head.py`: dense one-hot margins),
 insightface arcface_torch's CombinedMarginLoss after a normalised linear layer (its ArcFace branch
-edits the logits in place under no_grad). Every configuration is timed in the same run, interleaved
+edits the logits in place under no_grad), and the two sigmoid heads as their authors wrote them:
+opensphere's SphereFace2 (`model/head/sphereface2.py`) and CVI-SZU/UniFace's unified cross-entropy
+(`head.py`). Every configuration is timed in the same run, interleaved
 round by round so that load from other processes hits all of them alike; the table reports the
 fastest step of each (the least disturbed one, as `timeit` advises) and the ratio to the plain
 linear layer (targets: <= 1.15x for the classic and per-sample heads, 1.2x with the dynamic scale,
-1.25x for CurricularFace, and Sub-center ArcFace <= 1.15x of `nn.Linear(d, 3C)`, its fair floor,
+1.25x for CurricularFace, 1.15x for the sigmoid heads, and Sub-center ArcFace <= 1.15x of `nn.Linear(d, 3C)`, its fair floor,
 timed in the same run). The default clock is this process's CPU time on one thread (`--clock wall
 --threads 2` measures wall time; CPU time counts busy-waiting threads).
 
@@ -51,10 +53,13 @@ from facerec.heads import (
     MarginHead,
     NormFace,
     SphereFace,
+    SphereFace2,
     SubCenterArcFace,
+    UniFace,
 )
 
 S = 64.0  # the published s of the reference implementations; our heads use it too (the cost does not depend on s)
+SPHEREFACE2_R = 40.0  # SphereFace2's published scale r
 
 # name -> builder(d, C); every head with the fixed scale, plus the policies that cost something.
 HEADS = {
@@ -71,6 +76,8 @@ HEADS = {
     "elasticface (arc+)": lambda d, c: MarginHead(d, c, ElasticFace(std=0.0175, plus=True), FixedScale(S)),
     "curricularface": lambda d, c: MarginHead(d, c, CurricularFace(), FixedScale(S)),
     "subcenter arcface (K=3)": lambda d, c: MarginHead(d, c, SubCenterArcFace(), FixedScale(S)),
+    "sphereface2 (C)": lambda d, c: MarginHead(d, c, SphereFace2(), FixedScale(SPHEREFACE2_R)),
+    "uniface (UCE-m)": lambda d, c: MarginHead(d, c, UniFace(), FixedScale(S)),
 }
 BASELINE = "nn.Linear + cross-entropy"
 WIDE_BASELINE = "nn.Linear(d, 3C) + cross-entropy"  # the floor of a classifier with 3 centres per class
@@ -133,6 +140,50 @@ class ArcFaceTorchCombined(nn.Module):
         return F.cross_entropy(logits * self.s, labels)
 
 
+class OfficialSphereFace2(nn.Module):
+    """opensphere's SphereFace2 (margin type C): W renormalised in place, the similarity adjustment
+    and margin as a detached shift, weighted binary cross-entropy over the dense (B, C) one-hot."""
+
+    def __init__(self, embedding_size: int, num_classes: int, lam=0.7, r=SPHEREFACE2_R, m=0.4, t=3.0, lw=50.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(embedding_size, num_classes) * 0.01)
+        self.b = nn.Parameter(torch.zeros(1))
+        self.lam, self.r, self.m, self.t, self.lw, self.num_classes = lam, r, m, t, lw, num_classes
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.w.data = F.normalize(self.w.data, dim=0)
+        cos_theta = F.normalize(embeddings, dim=1).mm(self.w)
+        one_hot = torch.zeros_like(cos_theta).scatter_(1, labels.view(-1, 1), 1.0)
+        with torch.no_grad():
+            g_cos_theta = 2.0 * ((cos_theta + 1.0) / 2.0).pow(self.t) - 1.0
+            d_theta = g_cos_theta - self.m * (2.0 * one_hot - 1.0) - cos_theta
+        logits = self.r * (cos_theta + d_theta) + self.b
+        weight = self.lam * one_hot + (1.0 - self.lam) * (1.0 - one_hot)
+        weight = self.lw * self.num_classes / self.r * weight
+        return F.binary_cross_entropy_with_logits(logits, one_hot, weight=weight)
+
+
+class OfficialUniFace(nn.Module):
+    """CVI-SZU/UniFace's Unified_Cross_Entropy_Loss (UCE-m): softplus of clamped positive and negative
+    logits, selected by a dense boolean one-hot."""
+
+    def __init__(self, embedding_size: int, num_classes: int, m=0.4, s=S, lam=1.0, r=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.01)
+        self.bias = nn.Parameter(torch.full((1,), math.log(num_classes * r * 10)))
+        self.m, self.s, self.lam = m, s, lam
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos_theta = F.linear(F.normalize(embeddings, eps=1e-5), F.normalize(self.weight, eps=1e-5))
+        cos_m_theta_p = self.s * (cos_theta - self.m) - self.bias
+        cos_m_theta_n = self.s * cos_theta - self.bias
+        p_loss = torch.log(1 + torch.exp(-cos_m_theta_p.clamp(min=-self.s, max=self.s)))
+        n_loss = torch.log(1 + torch.exp(cos_m_theta_n.clamp(min=-self.s, max=self.s))) * self.lam
+        one_hot = torch.zeros(cos_theta.shape, dtype=torch.bool).scatter_(1, labels.view(-1, 1), True)
+        return (one_hot * p_loss + (~one_hot) * n_loss).sum(dim=1).mean()
+
+
 class OurLoss(nn.Module):
     def __init__(self, head: nn.Module):
         super().__init__()
@@ -146,6 +197,8 @@ def references(dim: int, num_classes: int) -> dict[str, nn.Module]:
     modules = {
         "ref: official AdaFace head": OfficialAdaFace(dim, num_classes),
         "ref: arcface_torch CombinedMarginLoss": ArcFaceTorchCombined(dim, num_classes),
+        "ref: opensphere SphereFace2": OfficialSphereFace2(dim, num_classes),
+        "ref: official UniFace UCE": OfficialUniFace(dim, num_classes),
     }
     try:
         from pytorch_metric_learning import losses
@@ -172,12 +225,15 @@ def step(module: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, cloc
     return clock() - start
 
 
-def benchmark(batch: int, dim: int, num_classes: int, repeats: int, clock) -> dict[str, float]:
-    """Fastest seconds per step for the baseline, every head and every reference at one class count."""
+def benchmark(batch: int, dim: int, num_classes: int, repeats: int, clock, only: list[str] | None = None) -> dict[str, float]:
+    """Fastest seconds per step for the baseline, every head and every reference at one class count
+    (`only`: the heads and references whose names contain one of these words, and the baselines)."""
     torch.manual_seed(0)
-    modules = {BASELINE: PlainLinear(dim, num_classes), WIDE_BASELINE: PlainLinear(dim, 3 * num_classes)}
-    modules.update({name: OurLoss(build(dim, num_classes)) for name, build in HEADS.items()})
+    modules = {name: OurLoss(build(dim, num_classes)) for name, build in HEADS.items()}
     modules.update(references(dim, num_classes))
+    if only:
+        modules = {name: module for name, module in modules.items() if any(word in name for word in only)}
+    modules = {BASELINE: PlainLinear(dim, num_classes), WIDE_BASELINE: PlainLinear(dim, 3 * num_classes), **modules}
     # embedding norms ~ 20-40, as a trained backbone gives them (AdaFace and MagFace read the norm)
     embeddings = (torch.randn(batch, dim) * 1.3).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,))
@@ -211,6 +267,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
     parser.add_argument("--max-load", type=float, default=1.5, help="1-minute load average above which the ratios are marked")
+    parser.add_argument("--only", nargs="+", help="time only the heads and references whose names contain one of these words")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -221,7 +278,7 @@ def main() -> None:
         f"load average (1 min) before: {load_before:.2f}",
         flush=True,
     )
-    results = {c: benchmark(args.batch, args.dim, c, args.repeats, CLOCKS[args.clock]) for c in args.classes}
+    results = {c: benchmark(args.batch, args.dim, c, args.repeats, CLOCKS[args.clock], args.only) for c in args.classes}
     load_after = os.getloadavg()[0]
     print(f"load average (1 min) after: {load_after:.2f}\n")
     if max(load_before, load_after) > args.max_load:
@@ -243,11 +300,13 @@ def main() -> None:
         ("subcenter arcface (K=3)", "ref: pml SubCenterArcFaceLoss (K=3)"),
         ("adaface", "ref: official AdaFace head"),
         ("combined", "ref: arcface_torch CombinedMarginLoss"),
+        ("sphereface2 (C)", "ref: opensphere SphereFace2"),
+        ("uniface (UCE-m)", "ref: official UniFace UCE"),
     ]
     print("\n| ours vs reference | " + " | ".join(f"C={c:,}" for c in args.classes) + " |")
     print("|---|" + "---:|" * len(args.classes))
     for ours, reference in pairs:
-        if reference in results[args.classes[0]]:
+        if ours in results[args.classes[0]] and reference in results[args.classes[0]]:
             cells = [f"{results[c][ours] / results[c][reference]:.2f}x" for c in args.classes]
             print(f"| {ours} / {reference.removeprefix('ref: ')} | " + " | ".join(cells) + " |")
 

@@ -21,7 +21,6 @@ from facerec.heads import (
     AutoScale,
     CombinedMargin,
     CosFace,
-    CurricularFace,
     DynamicScale,
     ElasticFace,
     FixedScale,
@@ -29,7 +28,6 @@ from facerec.heads import (
     MarginHead,
     NormFace,
     SphereFace,
-    SubCenterArcFace,
     auto_scale,
 )
 
@@ -144,15 +142,15 @@ def loss_of_embeddings_and_centres(head: nn.Module, labels: torch.Tensor):
 
 
 class RecomputedForEachBackward(torch.autograd.Function):
-    """`loss(x, W)` whose backward runs loss's forward and hand-written backward afresh. The fused
-    backward turns its saved (N, C) buffer into the gradient in place, so a graph takes one backward
-    call, and gradcheck makes two (its reentrancy check)."""
+    """`loss(*inputs)` (embeddings, centres, ...) whose backward runs loss's forward and hand-written
+    backward afresh. The fused backward turns its saved (N, C) buffer into the gradient in place, so a
+    graph takes one backward call, and gradcheck makes two (its reentrancy check)."""
 
     @staticmethod
-    def forward(ctx, loss, x, weight):
+    def forward(ctx, loss, *inputs):
         ctx.loss = loss
-        ctx.save_for_backward(x, weight)
-        return loss(x, weight)
+        ctx.save_for_backward(*inputs)
+        return loss(*inputs)
 
     @staticmethod
     def backward(ctx, grad):

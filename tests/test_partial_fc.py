@@ -1,5 +1,6 @@
 """The class-sharded head (Partial FC's class centres): shard layout, one-process equivalence,
-and two gloo processes against the dense head in one process on the same global batch (float64)."""
+unbiased sampling for the sigmoid heads, and two gloo processes against the dense head in one
+process on the same global batch (float64)."""
 from __future__ import annotations
 
 import sys
@@ -66,6 +67,31 @@ def test_in_one_process_sampling_keeps_every_positive_and_a_fixed_count():
     assert abs(loss.item() - expected.item()) < TOL
 
 
+def test_in_one_process_sampling_gives_a_sigmoid_head_the_full_loss_on_average():
+    # The mean of 500 independent draws is close to normal (each draw's loss sums the terms of ~35
+    # drawn classes over 16 samples), its spread the draws' standard error: an unbiased estimate
+    # lies within 5 of them but for a chance of ~6e-7 (the seeds fix the draws). The sampled classes
+    # each counted once, as a head without the weights would count them, fall short of the full
+    # loss by over 100 standard errors of their own: that check would catch the missing weights.
+    x, labels = script.problem(200, 8, 16, seed=5)
+    full = script.build_head("sphereface2", "auto", 200, 8)
+    head = script.build_head("sphereface2", "auto", 200, 8, sample_rate=0.25)  # the same centres and bias
+    weight, draws = head.centres.weight.detach(), 500
+    weighted, unweighted = [], []
+    with torch.no_grad():
+        expected = full.loss(x, labels)[0]
+        for draw in range(draws):
+            torch.manual_seed(draw)
+            weighted.append(head.loss(x, labels)[0])
+            sampled = head.centres.sampled
+            unweighted.append(binary_loss(head, weight[sampled], x, torch.searchsorted(sampled, labels), head.scale.value))
+    assert len(sampled) == 50  # a quarter of the classes
+    weighted, unweighted = torch.stack(weighted), torch.stack(unweighted)
+    standard_error = weighted.std() / draws**0.5
+    assert abs(weighted.mean() - expected) < 5 * standard_error
+    assert expected - unweighted.mean() > 100 * unweighted.std() / draws**0.5
+
+
 def test_checkpoints_are_those_of_an_unsharded_head():
     torch.manual_seed(0)
     keys = set(MarginHead(8, 30, CosFace(), DynamicScale()).state_dict())
@@ -108,15 +134,29 @@ def dense_loss(head, weight, x, labels, s):
     return F.cross_entropy(cos.scatter(1, labels.view(-1, 1), head.margin.target_logit(target).view(-1, 1)) * s, labels)
 
 
-def dense_step(name: str, scale: str, s: float | None = None):
+def binary_loss(head, weight, x, labels, s, column_weights=None):
+    """A sigmoid head's one-vs-all loss over the centres `weight`, in float64 autograd ops: kappa times
+    the batch mean of w+ softplus(-z_iy) + w- sum_{j != y_i} c_j softplus(z_ij), c_j the columns'
+    weights (1 where None)."""
+    margin = head.margin
+    z = margin.logits(F.normalize(x) @ F.normalize(weight).T, labels.view(-1, 1), None, s)
+    own = F.one_hot(labels, len(weight)).bool()
+    minus_log_p = torch.logaddexp(torch.zeros_like(z), torch.where(own, -z, z))  # softplus, exact at any z
+    c = torch.ones(len(weight), dtype=x.dtype) if column_weights is None else column_weights
+    side = torch.where(own, margin.positive_weight, margin.negative_weight * c)
+    return margin.loss_factor(s) * (side * minus_log_p).sum(dim=1).mean()
+
+
+def dense_step(name: str, scale: str, s: float | None = None, problem: tuple[torch.Tensor, torch.Tensor] | None = None):
     """The dense head in one process, one step of `head.loss` on the global batch: (head after the
-    step, loss, statistics, embedding gradient, regulariser). `s`: run it at that fixed s instead."""
+    step, loss, statistics, embedding gradient, regulariser). `s`: run it at that fixed s instead;
+    `problem`: that (embeddings, labels) instead of the heads' shared one."""
     head = script.build_head(name, scale, 7, 5)
     if s is not None:
         head.scale = FixedScale(s)
         head.scale.bind(head.num_classes, head.margin)
-    x, labels = script.problem(7, 5, script.BATCH, seed=0)
-    x.requires_grad_()
+    x, labels = problem or script.problem(7, 5, script.BATCH, seed=0)
+    x = x.clone().requires_grad_()
     loss, stats = head.loss(x, labels, statistics=True)
     loss.backward()
     regulariser = head.margin.regulariser(x.detach().norm(dim=1))
@@ -155,6 +195,34 @@ def test_two_ranks_give_the_dense_loss_gradients_statistics_and_state(ranks, nam
     torch.testing.assert_close(torch.cat([r["cosine"] for r in results]), head.cosine(x), rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("scale", script.BINARY_SCALES)
+@pytest.mark.parametrize("name", list(script.BINARY_HEADS))
+def test_two_ranks_give_a_sigmoid_head_s_dense_loss_gradients_and_bias_gradient(ranks, name, scale):
+    results = [rank["binary"][f"{name}/{scale}"] for rank in ranks[0]]
+    x, labels = script.binary_problem()
+    head, loss, stats, grad_x, _ = dense_step(name, scale, problem=(x, labels))
+    # neither all answers certain nor all hopeless: P(target) between 1% and 99% for some samples
+    with torch.no_grad():
+        p_target = torch.sigmoid(head(x, labels).gather(1, labels.view(-1, 1)))
+    assert ((p_target > 0.01) & (p_target < 0.99)).sum() >= 2
+    # the dense head computes the one-vs-all loss and its bias gradient
+    reference = binary_loss(head, head.centres.weight, x, labels, head.scale.value)
+    assert abs(reference.item() - loss.item()) < TOL
+    assert abs(torch.autograd.grad(reference, head.margin.bias)[0].item() - head.margin.bias.grad.item()) < TOL
+    for result in results:
+        assert result["s"].item() == head.scale.value and result["bias"].item() == head.margin.bias.item()
+        assert abs(result["loss"].item() - loss.item()) < TOL  # the global batch's on every rank
+        # the bias's full gradient on every rank (its negative part summed over the shards), which
+        # DDP's average then leaves as it is
+        assert abs(result["grad_bias"].item() - head.margin.bias.grad.item()) < TOL
+        torch.testing.assert_close(result["grad_weight"], head.centres.weight.grad, rtol=0, atol=TOL)
+        assert result["statistics"].keys() == stats.keys() >= {"bias", "threshold", "p_target"}
+        for key, value in stats.items():
+            torch.testing.assert_close(result["statistics"][key].double(), value.double(), rtol=0, atol=TOL, msg=key)
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in results]) / script.WORLD_SIZE, grad_x, rtol=0, atol=TOL)
+    torch.testing.assert_close(torch.cat([r["cosine"] for r in results]), head.cosine(x), rtol=0, atol=TOL)
+
+
 def test_a_sharded_head_leaves_its_rows_out_of_ddp_and_refuses_the_logits_path(ranks):
     for rank in ranks[0]:
         assert rank["shard"]["ignored"] == ["centres.weight"]
@@ -166,16 +234,28 @@ def test_a_sharded_head_gives_its_cosines_with_grad_mode_on(ranks):
     assert [rank["inference_with_grad"] for rank in ranks[0]] == ["", ""]
 
 
+def assert_ddp_gives_the_dense_gradients(results: list[dict], model) -> None:
+    """Every parameter's gradient on every rank after DDP is the dense model's on the global batch."""
+    model(*script.ddp_problem()).backward()  # one process, the global batch: the dense head
+    for result in results:
+        assert result.keys() == {key for key, _ in model.named_parameters()}
+        for key, parameter in model.named_parameters():
+            torch.testing.assert_close(result[key], parameter.grad, rtol=0, atol=TOL, msg=key)
+
+
 def test_under_ddp_the_backbone_gets_the_gradient_of_the_global_batch(ranks):
-    model = script.ddp_model()
-    images, labels = script.ddp_problem()
-    norms = model.backbone(images).norm(dim=1)
+    model = script.ddp_model("magface")
+    norms = model.backbone(script.ddp_problem()[0]).norm(dim=1)
     margin = model.head.margin
     assert ((norms > margin.l_a) & (norms < margin.u_a)).sum() >= script.BATCH // 2  # MagFace's magnitude moves
-    model(images, labels).backward()  # one process, the global batch: the dense head
-    for rank in ranks[0]:
-        torch.testing.assert_close(rank["ddp"]["grad_backbone"], model.backbone.weight.grad, rtol=0, atol=TOL)
-        torch.testing.assert_close(rank["ddp"]["grad_weight"], model.head.centres.weight.grad, rtol=0, atol=TOL)
+    assert_ddp_gives_the_dense_gradients([rank["ddp"] for rank in ranks[0]], model)
+
+
+def test_under_ddp_a_sigmoid_head_s_bias_gets_the_gradient_of_the_global_batch(ranks):
+    # the bias stays in DDP's all-reduce: each rank holds the full gradient, and their average is it
+    model = script.ddp_model("uniface")
+    assert_ddp_gives_the_dense_gradients([rank["binary_ddp"] for rank in ranks[0]], model)
+    assert abs(model.head.margin.bias.grad.item()) > 0.01  # not a vanishing gradient that any sum would match
 
 
 def test_sampling_keeps_every_positive_class_and_a_fixed_count(ranks):
@@ -193,6 +273,26 @@ def test_sampling_keeps_every_positive_class_and_a_fixed_count(ranks):
     head = script.build_head("cosface", "auto", 40, 6)
     remapped = torch.searchsorted(sampled, labels)
     expected = dense_loss(head, head.centres.weight.detach()[sampled], x, remapped, head.scale.value)
+    for result in results:
+        assert abs(result["loss"].item() - expected.item()) < TOL
+
+
+def test_sampled_sigmoid_losses_weight_each_drawn_class_by_its_inverse_chance(ranks):
+    x, labels = script.problem(40, 6, 12, seed=4)
+    results = [rank["binary_sampled"] for rank in ranks[0]]
+    for rank, result in enumerate(results):
+        count = shard_range(40, script.WORLD_SIZE, rank)[1]
+        positive = torch.isin(result["sampled"], labels)
+        keep, positives = len(positive), positive.sum().item()
+        assert positives < keep < count  # drawn classes, and classes left out
+        # each of the count - positives others is drawn with chance (keep - positives) / (count - positives)
+        expected = torch.where(positive, 1.0, torch.tensor((count - positives) / (keep - positives), dtype=torch.float64))
+        torch.testing.assert_close(result["weights"], expected, rtol=0, atol=TOL)
+    # the loss is the dense one over the sampled classes, the drawn ones weighted
+    sampled = torch.cat([result["sampled"] for result in results])
+    head = script.build_head("uniface_mb", "auto", 40, 6)
+    weights = torch.cat([result["weights"] for result in results])
+    expected = binary_loss(head, head.centres.weight.detach()[sampled], x, torch.searchsorted(sampled, labels), head.scale.value, weights)
     for result in results:
         assert abs(result["loss"].item() - expected.item()) < TOL
 

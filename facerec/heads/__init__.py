@@ -1,12 +1,15 @@
 """Heads: a margin (how the target logit is penalised) over class centres (dense, or sharded by
 Partial FC), with a scale policy (how s is chosen), trained through `MarginHead.loss`.
 
-One file per concern: margin.py (the margin contract) and one file per margin family, centres.py
-and partial_fc.py (the class centres and their sharding), scale.py (where s is computed), loss.py
-(the fused cross-entropy), head.py (the composition).
+One file per concern: margin.py (the margin contract) and one file per margin family (binary.py: the
+sigmoid heads), centres.py and partial_fc.py (the class centres and their sharding), scale.py (where
+s is computed), loss.py and binary_loss.py (the fused softmax and one-vs-all losses), head.py (the
+composition).
 """
 from facerec.heads.adaface import AdaFace
 from facerec.heads.angles import COS_EPS, angle
+from facerec.heads.binary import BinaryMargin, SphereFace2, UniFace
+from facerec.heads.binary_loss import OneVsAllLoss
 from facerec.heads.centres import ClassCentres
 from facerec.heads.curricularface import CurricularFace
 from facerec.heads.elasticface import ElasticFace
@@ -26,6 +29,7 @@ __all__ = [
     "ArcFace",
     "AutoMarginScale",
     "AutoScale",
+    "BinaryMargin",
     "ClassCentres",
     "CombinedMargin",
     "CosFace",
@@ -38,11 +42,14 @@ __all__ = [
     "MarginCrossEntropy",
     "MarginHead",
     "NormFace",
+    "OneVsAllLoss",
     "PartialFC",
     "RelativeScale",
     "ScalePolicy",
     "SphereFace",
+    "SphereFace2",
     "SubCenterArcFace",
+    "UniFace",
     "additive_angular",
     "angle",
     "auto_scale",

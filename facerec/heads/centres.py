@@ -12,6 +12,8 @@ methods either way, so they never ask which one they hold:
 - `reduce_over_shards`, `log_sum_exp_over_shards`: reductions over the ranks holding the other classes
   (none for the dense centres);
 - `step_rows`: each sample's column among the classes this step uses, and their centres;
+  `column_weights`: what a loss that sums over the classes (the sigmoid heads') weights those
+  columns by, so that a step over sampled classes has the expected loss of a step over all;
 - `cosines`: cosines of unit rows to every class, whichever rank holds it (inference);
 - `shard`, `gather_optimizer_state`, `shard_optimizer_state`: keeping a rank's rows, and checkpoints
   that hold the full matrix whatever the sharding.
@@ -63,6 +65,11 @@ class ClassCentres(nn.Module):
         """(each sample's column among the classes this step uses, -1 where another rank holds it;
         those classes' centres, at least float32)."""
         return labels, self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+
+    def column_weights(self) -> torch.Tensor | None:
+        """(m,) weights of the columns of the last `step_rows` in a loss summed over classes; None:
+        every class was used, each counts once."""
+        return None
 
     def closest(self, cos: torch.Tensor) -> torch.Tensor:
         """(B, m) cosines to each class's closest centre, from the (B, m K) cosines to every centre."""

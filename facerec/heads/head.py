@@ -3,8 +3,8 @@
     head = MarginHead(512, 10_575, CosFace(m=0.35), AutoScale())                         # dense
     head = MarginHead(512, 10_575, CosFace(m=0.35), AutoScale(), centres=partial(PartialFC, sample_rate=0.1))
 
-Every head, dense or class-sharded, trains through `loss`, which returns the mean cross-entropy of
-the batch and, when asked, the batch diagnostics (over the global batch under any DDP setup). The
+Every head, dense or class-sharded, softmax or sigmoid, trains through `loss`, which returns the
+mean loss of the batch and, when asked, the batch diagnostics (over the global batch under any DDP setup). The
 LightningModule calls only the methods of this class and never asks which kind of head it holds.
 The head composes three parts, each in a file of its own, as insightface composes
 `PartialFC_V2(margin_loss)`:
@@ -15,7 +15,8 @@ The head composes three parts, each in a file of its own, as insightface compose
   process's classes and samples relate to the other ranks;
 - the scale policy (scale.py): s;
 
-and the fused loss (loss.py) that computes the cross-entropy from them. A head holds no arithmetic
+and the fused loss the margin names (loss.py: the softmax cross-entropy; binary_loss.py: the
+one-vs-all loss of the sigmoid heads in binary.py) that computes it from them. A head holds no arithmetic
 of its own beyond normalising the embeddings.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 
 from facerec import distributed
 from facerec.heads.centres import ClassCentres
-from facerec.heads.loss import MarginCrossEntropy, Workspace, margin_logits
+from facerec.heads.loss import Workspace
 from facerec.heads.margin import Margin
 from facerec.heads.scale import ScalePolicy
 
@@ -57,12 +58,13 @@ class MarginHead(nn.Module):
         self.centres = centres(self.num_classes, margin.centres_per_class, self.embedding_size)
         self.scale = scale
         scale.bind(self.num_classes, margin)
+        margin.bind(self.num_classes, scale)
         self.workspace = Workspace()  # the loss's (B, C) buffers, reused from step to step
         self.register_load_state_dict_pre_hook(_rename_keys_of_unsplit_heads)
 
     # ------------------------------------------------------------------ training
     def loss(self, embeddings: torch.Tensor, labels: torch.Tensor, statistics: bool = False) -> tuple[torch.Tensor, dict]:
-        """(mean cross-entropy of the batch, diagnostics if `statistics`). Under DDP every rank calls
+        """(mean loss of the batch: the margin's, softmax or one-vs-all; diagnostics if `statistics`). Under DDP every rank calls
         it in the same step with its own batch; all ranks hold the same batch size."""
         self._check(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -78,9 +80,7 @@ class MarginHead(nn.Module):
             per_sample = self.margin.margin_inputs(norms, labels, self.centres, update=True)
             columns, weight = self.centres.step_rows(labels)
             stats = {} if statistics else None
-            loss = MarginCrossEntropy.apply(
-                x_hat, weight, columns, per_sample, self.margin, self.scale, self.centres, self.workspace, stats
-            )
+            loss = self.margin.loss(x_hat, weight, columns, per_sample, self.scale, self.centres, self.workspace, stats)
             if regulariser is not None:
                 loss = loss + regulariser
             if statistics:
@@ -111,11 +111,7 @@ class MarginHead(nn.Module):
             weight = F.normalize(self.centres.weight.to(embeddings.dtype))
             cos = self.centres.closest(F.normalize(embeddings) @ weight.T)
             per_sample = self.margin.margin_inputs(torch.linalg.vector_norm(embeddings, dim=1), column.view(-1), self.centres, update=False)
-            target = cos.gather(1, column).squeeze(1)
-            held = torch.ones_like(target, dtype=torch.bool)
-            target_logit = self.margin.target_logit(target, per_sample)
-            logits, _ = margin_logits(cos, column, held, target, target_logit, self.margin)
-            return logits * self.scale.value
+            return self.margin.logits(cos, column, per_sample, self.scale.value)
 
     def target_cosine(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B,) float32 cosine to the own class (its closest centre), without the (B, C) matrix (dense centres)."""

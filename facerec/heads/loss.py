@@ -209,7 +209,7 @@ def nontarget_angles(cos: torch.Tensor, column: torch.Tensor, held: torch.Tensor
         other.scatter_(1, col, torch.where(h.unsqueeze(1), -math.inf, own))
         nearest.append(other.amax(dim=1) if other.shape[1] else other.new_full((len(other),), -math.inf))
         other.scatter_(1, col, torch.where(h.unsqueeze(1), 0.0, own))  # acos(0) = pi / 2, subtracted below
-        angle_sums.append(other.clamp_(-1 + COS_EPS, 1 - COS_EPS).acos_().sum(dim=1) - h * (math.pi / 2))
+        angle_sums.append(other.clamp_(-1 + COS_EPS, 1 - COS_EPS).acos_().sum(dim=1) - h.to(c.dtype) * (math.pi / 2))
         del other  # before the next block's copy: one block's copy alive at a time
     return torch.cat(nearest), torch.cat(angle_sums)
 

@@ -4,7 +4,9 @@ Each of the R ranks holds C/R classes (`shard_range`); the loss gathers the glob
 the softmax over the ranks, so no rank holds an (N, C) matrix or another rank's rows, and the shard
 stays out of DDP's all-reduce (its gradient is complete on its rank). `sample_rate` < 1 keeps per
 step only that fraction of each shard's classes: every class of the global batch plus random others
-(softmax, margin and the dynamic scale then see those only). Any margin and any scale policy;
+(softmax, margin and the dynamic scale then see those only; a loss summed over the classes, the
+sigmoid heads', weights each random one by the inverse of its chance of being drawn:
+`column_weights`). Any margin and any scale policy;
 sample_rate = 1 is exact model parallelism. Until `shard` runs (once the process group exists), and
 in a single process, the centres behave as the dense ones, with sampling.
 
@@ -39,6 +41,7 @@ class PartialFC(ClassCentres):
         self.sample_rate = float(sample_rate)
         self.rank, self.world_size, self.class_start = 0, 1, 0
         self.sampled: torch.Tensor | None = None  # class ids used by the last sampled step
+        self.sampled_weights: torch.Tensor | None = None  # their weights in a loss summed over classes
 
     @property
     def sees_global_batch(self) -> bool:
@@ -76,15 +79,28 @@ class PartialFC(ClassCentres):
         remapped = torch.searchsorted(index, local.clamp(min=0))
         return torch.where(local >= 0, remapped, -1), weight[rows]
 
+    def column_weights(self) -> torch.Tensor | None:
+        return self.sampled_weights if self.sample_rate < 1 else None
+
     def _sample(self, local_labels: torch.Tensor, num_local: int) -> torch.Tensor:
         """Sorted classes of this shard to use: every positive, then random negatives. The count is
         fixed, max(sample_rate x shard, batch size), so no step waits to learn how many positives
-        there are (a host sync); it is at least the number of positives."""
+        there are (a host sync); it is at least the number of positives.
+
+        Each of the shard's n - P classes that no sample of the batch holds is drawn with the same
+        chance (keep - P) / (n - P) (a uniform draw of keep - P of them); the positives always are.
+        `sampled_weights` is 1 for a positive and the inverse of that chance for a drawn class, so a
+        sum over the drawn classes weighted by it has the full sum as its expectation."""
         keep = min(num_local, max(int(self.sample_rate * num_local), len(local_labels)))
         score = torch.rand(num_local, device=self.weight.device)
         positive = torch.where(local_labels >= 0, 2.0, -1.0)  # above every random score: always kept
         score.scatter_reduce_(0, local_labels.clamp(min=0), positive, "amax")
-        index = score.topk(keep).indices.sort().values
+        kept = score.topk(keep)
+        index, order = kept.indices.sort()
+        is_positive = kept.values[order] > 1.5
+        positives = is_positive.sum()  # a tensor: no host sync
+        drawn_weight = (num_local - positives).to(torch.promote_types(self.weight.dtype, torch.float32)) / (keep - positives).clamp(min=1)
+        self.sampled_weights = torch.where(is_positive, 1.0, drawn_weight)
         self.sampled = index + self.class_start
         return index
 

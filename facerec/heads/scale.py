@@ -239,6 +239,12 @@ class DynamicScale(ScalePolicy):
         self.register_buffer("s", torch.tensor(math.nan))
 
     def bind(self, num_classes: int, margin: Margin) -> None:
+        if not margin.has_partition_function:
+            raise ValueError(
+                f"scale=dynamic (AdaCos) sets s from the softmax's sum over the non-target classes; "
+                f"{type(margin).__name__} is a sigmoid head, whose P(target) has no such sum. "
+                "Use scale=fixed, auto, auto_margin or relative (docs/research/scale.md, 'Sigmoid heads')"
+            )
         super().bind(num_classes, margin)
         start = auto_scale(self.num_classes, self.theta0)
         self.s_max = start if self.max_scale is None else float(self.max_scale)

@@ -9,10 +9,15 @@ the same global batch (the problems below are shared with it). Both ranks hold e
   statistics, then backward): the loss, this rank's regulariser term, this rank's embedding
   gradient, the gathered gradient of all class centres, the s used, the statistics, the buffers
   after the step and the cosines of this rank's embeddings to every class (`head.cosine`).
+- "binary": the same for every sigmoid head x fixed or automatic scale (the heads that refuse
+  scale=dynamic, kept out of HEADS, which tests/test_heads.py runs with it), on embeddings near
+  their own class's centre (`binary_problem`), plus the gradient and value of the learned bias.
 - "shard": what `shard()` returned, and the refusal of `head(embeddings, labels)` once sharded.
-- "ddp": a linear backbone under DistributedDataParallel with the shard kept out of its all-reduce:
-  the backbone's gradient after DDP's averaging (MagFace, whose regulariser is per rank).
-- "sampled": sample_rate < 1: the loss and the classes each rank sampled.
+- "ddp", "binary_ddp": a linear backbone under DistributedDataParallel with the shard kept out of
+  its all-reduce: every parameter's gradient after DDP's averaging (MagFace, whose regulariser is
+  per rank; UniFace, whose bias stays in the all-reduce), the shard's gathered.
+- "sampled", "binary_sampled": sample_rate < 1: the loss, the classes each rank sampled and their
+  weights in a loss summed over classes (CosFace; UniFace's UCE-mb-lambda, negatives weighted 0.5).
 - "resume": SGD with momentum for two steps, then a checkpoint (full weights, buffers and optimizer
   state, written by rank 0 as the LightningModule's hooks do), the logits of a batch, and the
   state dict after one more step (the full weights on rank 0, its own rows on rank 1).
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -50,7 +56,9 @@ from facerec.heads import (
     NormFace,
     PartialFC,
     SphereFace,
+    SphereFace2,
     SubCenterArcFace,
+    UniFace,
     shard_range,
 )
 
@@ -71,7 +79,16 @@ HEADS = {
     "curricularface": (CurricularFace, {}),
     "subcenter": (SubCenterArcFace, {}),
 }
+# sigmoid heads: scale=dynamic refuses them, so they run with the scale policies in BINARY_SCALES
+BINARY_HEADS = {
+    "sphereface2": (SphereFace2, {}),
+    "sphereface2_a": (SphereFace2, {"margin_type": "A"}),
+    "sphereface2_m": (SphereFace2, {"margin_type": "M", "m": 1.5}),
+    "uniface": (UniFace, {}),
+    "uniface_mb": (UniFace, {"m": 0.4, "lam": 0.5, "r": 2.0}),
+}
 SCALES = {"fixed": lambda: FixedScale(30.0), "auto": AutoScale, "auto_margin": AutoMarginScale, "dynamic": lambda: DynamicScale(max_scale=math.inf)}  # uncapped: s moves
+BINARY_SCALES = ("fixed", "auto")
 BATCH = 10  # the global batch: 5 samples on each rank
 SAMPLE_RATE = 0.25
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 5e-4, 0.5
@@ -88,9 +105,19 @@ def build_head(name: str, scale: str, num_classes: int, embedding_size: int, sam
     """The float64 head (same weights on every rank and in the test process): dense, or with Partial
     FC's class centres at `sample_rate` (sharded once `shard()` runs)."""
     torch.manual_seed(1)
-    head_cls, kwargs = HEADS[name]
+    head_cls, kwargs = HEADS[name] if name in HEADS else BINARY_HEADS[name]
     centres = ClassCentres if sample_rate is None else partial(PartialFC, sample_rate=sample_rate)
     return MarginHead(embedding_size, num_classes, head_cls(**kwargs), SCALES[scale](), centres=centres).double()
+
+
+def binary_problem() -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings at cosines from -0.7 to 0.95 to their own class's centre (build_head's centres):
+    a sigmoid head's bias starts where features at 90 degrees to every centre balance, so on
+    random embeddings P(target) at s = 30 is below 1e-3 for nearly every sample; here some P lie
+    near 0, some near 1 and some between, for every head and scale."""
+    noise, labels = problem(7, 5, BATCH, seed=0, norm=1.0)
+    centres = F.normalize(build_head("uniface", "fixed", 7, 5).centres.weight.detach())
+    return centres[labels] * torch.linspace(0, 4, BATCH, dtype=torch.float64).unsqueeze(1) + noise, labels
 
 
 def rows(rank: int, batch: int) -> slice:
@@ -110,30 +137,43 @@ def buffers(head: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.clone() for name, buffer in head.named_buffers()}
 
 
+def sharded_step(name: str, scale: str, x: torch.Tensor, labels: torch.Tensor, rank: int) -> tuple[MarginHead, dict]:
+    """One training step of the sharded head (C = 7, d = 5) on this rank's share of the global batch:
+    (the head after it, what the test compares)."""
+    head = build_head(name, scale, 7, 5, sample_rate=1.0)
+    head.shard()
+    mine = rows(rank, len(x))
+    x_local = x[mine].clone().requires_grad_()
+    loss, stats = head.loss(x_local, labels[mine], statistics=True)
+    loss.backward()
+    regulariser = head.margin.regulariser(x_local.detach().norm(dim=1))
+    with torch.no_grad():  # inference, as validation runs it
+        cosine = head.cosine(x_local.detach())
+    return head, {
+        "loss": loss.detach(),
+        "regulariser": torch.zeros((), dtype=torch.float64) if regulariser is None else regulariser,
+        "grad_x": x_local.grad,
+        "grad_weight": every_rank_s_rows(head, head.centres.weight.grad),
+        "s": torch.tensor(head.scale.value, dtype=torch.float64),
+        "statistics": stats,
+        "buffers": buffers(head),
+        "cosine": cosine,
+    }
+
+
 def run_heads(rank: int) -> dict:
     x, labels = problem(7, 5, BATCH, seed=0)
-    mine = rows(rank, BATCH)
+    return {f"{name}/{scale}": sharded_step(name, scale, x, labels, rank)[1] for name in HEADS for scale in SCALES}
+
+
+def run_binary(rank: int) -> dict:
+    x, labels = binary_problem()
     results = {}
-    for name in HEADS:
-        for scale in SCALES:
-            head = build_head(name, scale, 7, 5, sample_rate=1.0)
-            head.shard()
-            x_local = x[mine].clone().requires_grad_()
-            loss, stats = head.loss(x_local, labels[mine], statistics=True)
-            loss.backward()
-            regulariser = head.margin.regulariser(x_local.detach().norm(dim=1))
-            with torch.no_grad():  # inference, as validation runs it
-                cosine = head.cosine(x_local.detach())
-            results[f"{name}/{scale}"] = {
-                "loss": loss.detach(),
-                "regulariser": torch.zeros((), dtype=torch.float64) if regulariser is None else regulariser,
-                "grad_x": x_local.grad,
-                "grad_weight": every_rank_s_rows(head, head.centres.weight.grad),
-                "s": torch.tensor(head.scale.value, dtype=torch.float64),
-                "statistics": stats,
-                "buffers": buffers(head),
-                "cosine": cosine,
-            }
+    for name in BINARY_HEADS:
+        for scale in BINARY_SCALES:
+            head, result = sharded_step(name, scale, x, labels, rank)
+            bias = head.margin.bias
+            results[f"{name}/{scale}"] = {**result, "grad_bias": bias.grad, "bias": bias.detach().clone()}
     return results
 
 
@@ -159,9 +199,9 @@ class Model(nn.Module):
         return self.head.loss(self.backbone(images), labels)[0]
 
 
-def ddp_model() -> Model:
+def ddp_model(name: str) -> Model:
     torch.manual_seed(2)
-    return Model(build_head("magface", "auto", 7, 5, sample_rate=1.0))
+    return Model(build_head(name, "auto", 7, 5, sample_rate=1.0))
 
 
 def ddp_problem() -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,24 +209,27 @@ def ddp_problem() -> tuple[torch.Tensor, torch.Tensor]:
     return problem(7, 3, BATCH, seed=3, norm=20.0)[0], problem(7, 5, BATCH, seed=0)[1]
 
 
-def run_ddp(rank: int) -> dict:
+def run_ddp(rank: int, name: str) -> dict:
+    """Every parameter's gradient after DDP's backward, by name (the shard's gathered from all ranks)."""
     images, labels = ddp_problem()
-    model = ddp_model()
-    ignored = [f"head.{name}" for name in model.head.shard()]
+    model = ddp_model(name)
+    ignored = [f"head.{key}" for key in model.head.shard()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer all-reduces then
     mine = rows(rank, BATCH)
     wrapped(images[mine], labels[mine]).backward()
-    return {"grad_backbone": model.backbone.weight.grad, "grad_weight": every_rank_s_rows(model.head, model.head.centres.weight.grad)}
+    grads = {key: parameter.grad for key, parameter in model.named_parameters()}
+    grads["head.centres.weight"] = every_rank_s_rows(model.head, grads["head.centres.weight"])
+    return grads
 
 
-def run_sampled(rank: int) -> dict:
+def run_sampled(rank: int, name: str) -> dict:
     x, labels = problem(40, 6, 12, seed=4)
-    head = build_head("cosface", "auto", 40, 6, sample_rate=SAMPLE_RATE)
+    head = build_head(name, "auto", 40, 6, sample_rate=SAMPLE_RATE)
     head.shard()
     torch.manual_seed(10 + rank)
     loss, _ = head.loss(x[rows(rank, 12)], labels[rows(rank, 12)])
-    return {"loss": loss.detach(), "sampled": head.centres.sampled}
+    return {"loss": loss.detach(), "sampled": head.centres.sampled, "weights": head.centres.sampled_weights}
 
 
 def sgd(head: nn.Module) -> torch.optim.Optimizer:
@@ -246,9 +289,12 @@ def worker(rank: int, out_dir: str) -> None:
     out = Path(out_dir)
     results = {
         "heads": run_heads(rank),
+        "binary": run_binary(rank),
         "shard": run_shard(rank),
-        "ddp": run_ddp(rank),
-        "sampled": run_sampled(rank),
+        "ddp": run_ddp(rank, "magface"),
+        "binary_ddp": run_ddp(rank, "uniface"),
+        "sampled": run_sampled(rank, "cosface"),
+        "binary_sampled": run_sampled(rank, "uniface_mb"),
         "resume": run_resume(rank, out),
         "inference_with_grad": run_inference_with_grad(rank),  # last: a failed collective stays the last one
     }
