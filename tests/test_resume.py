@@ -19,6 +19,8 @@ SETUPS = {
     "adaface": ["scale=fixed", "augment=adaface"],
     # weight EMA: the checkpoints' state_dict holds the average, the trained tensors are beside it
     "ema": ["scale=fixed", "callbacks=ema", "callbacks.ema.decay=0.9"],
+    # a sigmoid head: its learned bias is a parameter with optimizer state, resumed where it was
+    "uniface": ["scale=fixed", "head=uniface"],
 }
 
 
