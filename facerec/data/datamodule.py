@@ -1,13 +1,15 @@
 """One LightningDataModule for every training set and the image sets validated on."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from facerec import lightning_compat
+from facerec import distributed, lightning_compat
+from facerec.data.augment import NO_AUGMENT
 from facerec.data.sampling import ResumableLoader, ResumableSampler
 
 
@@ -78,6 +80,30 @@ class FaceDataModule(L.LightningDataModule):
             drop_last=self.drop_last,
             generator=self._generator(),
             **self.loader_options,
+        )
+
+    def unaugmented_train_dataloader(self) -> DataLoader:
+        """(image, label) batches of the training images as they are, for a pass that must see each
+        image once and unchanged (head.init=class_means): a copy of the training set with the augment
+        policy none (a training set augments through its `augment` attribute, facerec.data.augment),
+        so the images are decoded and normalised as the validation sets' are; in index order, no
+        shuffling, batches of val_batch_size (no gradient is kept). Under DDP this rank's share,
+        image i on rank i mod R: every image on exactly one rank (a DistributedSampler would repeat
+        some to even out the shares)."""
+        if not hasattr(self.train_set, "augment"):
+            raise TypeError(
+                f"the training set {type(self.train_set).__name__} has no `augment` policy (facerec.data.augment), "
+                "so its images cannot be read without augmentation"
+            )
+        images = copy.copy(self.train_set)  # the training loader keeps its policy
+        images.augment = NO_AUGMENT
+        rank, world_size = distributed.world()
+        return DataLoader(
+            images,
+            batch_size=self.val_batch_size,
+            sampler=range(rank, len(images), world_size),
+            generator=self._generator(),
+            **{**self.loader_options, "persistent_workers": False},  # one pass: its workers end with it
         )
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -16,11 +16,15 @@ methods either way, so they never ask which one they hold:
   columns by, so that a step over sampled classes has the expected loss of a step over all;
 - `cosines`: cosines of unit rows to every class, whichever rank holds it (inference);
 - `shard`, `gather_optimizer_state`, `shard_optimizer_state`: keeping a rank's rows, and checkpoints
-  that hold the full matrix whatever the sharding.
+  that hold the full matrix whatever the sharding; `local_rows`: this process's rows of a full tensor;
+- `start_at`: centres started at given class directions instead of at random (head.init=class_means).
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from facerec import distributed
@@ -34,15 +38,44 @@ def cosines(x_hat: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class ClassCentres(nn.Module):
-    """W (C K, d), initialised N(0, 0.01^2), all of it on every rank."""
+    """W (C K, d), initialised N(0, INIT_STD^2), all of it on every rank."""
 
     sees_global_batch = False  # whether this process's loss covers every rank's samples
+    INIT_STD = 0.01  # the random start's standard deviation per entry
+    SUBCENTRE_NOISE = 0.1  # start_at: a sub-centre's noise per entry, as a fraction of INIT_STD
 
     def __init__(self, num_classes: int, centres_per_class: int, embedding_size: int):
         super().__init__()
         self.num_classes, self.centres_per_class = int(num_classes), int(centres_per_class)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.centres_per_class, int(embedding_size)))
-        nn.init.normal_(self.weight, std=0.01)
+        nn.init.normal_(self.weight, std=self.INIT_STD)
+
+    @torch.no_grad()
+    def start_at(self, directions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Start each class's centres at its row of `directions` (C, d), every class's (each rank passes
+        the same; any norm, normalised here), and return the full (C K, d) centre matrix; this process
+        keeps its rows of it.
+
+        The rows get the norm the random start's rows have on average, INIT_STD sqrt(d): the loss sees
+        the centres' directions only, but the gradient of a normalised row shrinks as 1 / |w|, so that
+        norm keeps the centres' step size the one the learning rate was chosen with. With K > 1 centres
+        per class (Sub-center ArcFace), each is the class's direction plus Gaussian noise of
+        SUBCENTRE_NOISE x INIT_STD per entry, a tenth of the row's norm (about 6 degrees): identical
+        copies would tie in the closest-centre maximum, which hands every image and gradient to one of
+        them, so the noise sets them apart to specialise, while every one stays far closer to its
+        class than the classes are to each other. Mean plus noise, not K-means within the class: a
+        class of a handful of images has no sub-clusters to find, and this needs no second pass. The
+        noise is drawn from `generator` (on the CPU) for the full matrix, so every rank draws the same."""
+        expected = (self.num_classes, self.weight.shape[1])
+        if tuple(directions.shape) != expected:
+            raise ValueError(f"expected class directions of shape {expected}, got {tuple(directions.shape)}")
+        full = F.normalize(directions.float(), dim=1).mul_(self.INIT_STD * math.sqrt(expected[1]))
+        full = full.repeat_interleave(self.centres_per_class, dim=0)
+        if self.centres_per_class > 1:
+            noise = torch.randn(full.shape, generator=generator).mul_(self.SUBCENTRE_NOISE * self.INIT_STD)
+            full += noise.to(full.device)
+        self.weight.copy_(self.local_rows(full))
+        return full
 
     # ------------------------------------------------------------ the training step
     def global_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +118,16 @@ class ClassCentres(nn.Module):
     def shard(self) -> list[str]:
         """Keep only this rank's rows; returns the parameters DDP must leave out of its all-reduce."""
         return []
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a full (C K, ...) tensor (a copy): all of them here."""
+        self._check_full(full)
+        return full.clone()
+
+    def _check_full(self, full: torch.Tensor) -> None:
+        expected = self.num_classes * self.centres_per_class
+        if len(full) != expected:
+            raise ValueError(f"expected {expected} rows (one per class centre), got a tensor of shape {tuple(full.shape)}")
 
     def gather_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
         """Make the per-row optimizer state of W full in a checkpoint's optimizer states (in place)."""

@@ -127,6 +127,12 @@ class MarginHead(nn.Module):
         exists); returns the parameters DDP must leave out of its all-reduce."""
         return [f"centres.{name}" for name in self.centres.shard()]
 
+    def start_centres_at(self, directions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Start the class centres at the (C, d) class `directions` (all classes, the same on every rank)
+        instead of at random; returns the full (C K, d) centre matrix, of which this process keeps its
+        rows (ClassCentres.start_at: their norm, the sub-centres' noise)."""
+        return self.centres.start_at(directions, generator)
+
     def gather_optimizer_state(self, optimizer_states: list[dict], param_index: int) -> None:
         """In a checkpoint's optimizer states, make the centres' per-row state full on rank 0, which
         writes the file; `param_index`: the centres' key in the optimizer state. No-op when dense."""

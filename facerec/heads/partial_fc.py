@@ -138,9 +138,7 @@ class PartialFC(ClassCentres):
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (C K, ...) tensor (a copy)."""
-        expected = self.num_classes * self.centres_per_class
-        if len(full) != expected:
-            raise ValueError(f"expected {expected} rows (one per class centre), got a tensor of shape {tuple(full.shape)}")
+        self._check_full(full)
         k = self.centres_per_class
         return full[self.class_start * k : self.class_start * k + len(self.weight)].clone()
 

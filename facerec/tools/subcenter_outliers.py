@@ -30,6 +30,7 @@ from facerec.checkpoint_files import load_checkpoint
 from facerec.data.decode import image_tensor
 from facerec.data.encoded import EncodedImages
 from facerec.heads import MarginHead, SubCenterArcFace, dominant_centres_and_outliers
+from facerec.training.fit import margin_config
 
 
 @dataclass
@@ -73,9 +74,7 @@ class UnaugmentedImages(Dataset):
 def load_subcenter_run(ckpt_path: str | Path) -> tuple[nn.Module, MarginHead, dict]:
     """(backbone in eval mode, the Sub-center ArcFace head with the checkpoint's centres, run config)."""
     backbone, config = load_backbone(ckpt_path)
-    # checkpoints written before the head was split state the sizes in the head's config too
-    margin_config = {key: value for key, value in config["head"].items() if key not in ("embedding_size", "num_classes")}
-    margin = instantiate(margin_config)
+    margin = instantiate(margin_config(config["head"]))
     head = MarginHead(config["model"]["embedding_size"], config["dataset"]["num_classes"], margin, instantiate(config["scale"]))
     if not isinstance(margin, SubCenterArcFace):
         raise ValueError(

@@ -123,20 +123,31 @@ def keep_in_eval_mode(names: list[str], backbone: nn.Module, args) -> None:
             backbone.get_submodule(name).eval()
 
 
+SIZE_KEYS = ("embedding_size", "num_classes")  # in head configs saved before the sizes moved out
+
+
 def build_head(cfg: DictConfig) -> MarginHead:
     """The head a run config describes: the margin (head=), the scale policy (scale=) and, with
     sharding=partial_fc, Partial FC's class centres, for model.embedding_size and dataset.num_classes."""
     num_classes = OmegaConf.select(cfg, "dataset.num_classes")
     if num_classes is None:
         raise ValueError("dataset.num_classes is not set: state it, or read it from the data first (fill_num_classes)")
-    stated = [key for key in ("embedding_size", "num_classes") if key in cfg.head]
+    stated = [key for key in SIZE_KEYS if key in cfg.head]
     if stated:  # a head config written for the layout before the head took its sizes at build time
         raise ValueError(
             f"head.{stated[0]}: a head config holds the margin's parameters only; the head's sizes are "
             "model.embedding_size and dataset.num_classes, stated once there"
         )
     centres = {"centres": instantiate(cfg.sharding)} if cfg.get("sharding") else {}
-    return MarginHead(cfg.model.embedding_size, num_classes, instantiate(cfg.head), instantiate(cfg.scale), **centres)
+    margin = instantiate(margin_config(OmegaConf.to_container(cfg.head, resolve=True)))
+    return MarginHead(cfg.model.embedding_size, num_classes, margin, instantiate(cfg.scale), **centres)
+
+
+def margin_config(head: dict) -> dict:
+    """The margin's config in a head config: all but `init` (how a new run starts the class centres,
+    which the LightningModule does, not the margin) and the sizes of head configs saved before they
+    moved out (SIZE_KEYS; build_head refuses them in a new config)."""
+    return {key: value for key, value in head.items() if key not in ("init", *SIZE_KEYS)}
 
 
 def build_module(
@@ -164,6 +175,7 @@ def build_module(
         val_protocols=val_protocols,
         val_options=ScoringOptions(bootstrap_from(cfg.get("val_bootstrap")), erc=False),  # eval.py draws the quality curves
         val_scores_path=Path(cfg.paths.output_dir) / VAL_SCORES_FILE if cfg.get("save_val_scores") else None,
+        centre_init=cfg.head.get("init", "random"),
         distillation=build_distillation(
             OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None,
             cfg.model.embedding_size,
@@ -245,13 +257,13 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 # Settings a resumed run may change where resume.allow_changes names them: the scale policy (its
 # state starts afresh) and the margin's parameters (the margin's running state is kept).
 CHANGEABLE_ON_RESUME = ("scale", "head")
-SIZE_KEYS = ("embedding_size", "num_classes")  # in head configs saved before the sizes moved out
 
 
 def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
     """A checkpoint resumes only into the same backbone, class set and head kind (model.weights and
-    model.freeze aside: a resumed run takes its weights from the checkpoint), and into the same
-    scale policy and margin parameters unless resume.allow_changes names them (the change is logged)."""
+    model.freeze aside: a resumed run takes its weights from the checkpoint; head.init too: it takes its
+    class centres from there), and into the same scale policy and margin parameters unless
+    resume.allow_changes names them (the change is logged)."""
     saved = checkpoint_config(checkpoint, path)
     current = OmegaConf.to_container(cfg, resolve=True)
     allowed = list(OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])
@@ -261,9 +273,6 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> No
 
     def architecture(model: dict) -> dict:
         return {key: value for key, value in model.items() if key not in TRAINING_INIT_KEYS}
-
-    def margin(head: dict) -> dict:
-        return {key: value for key, value in head.items() if key not in SIZE_KEYS}
 
     def described(value) -> str:  # a config with a _target_ as Class(key=value, ...): short enough to read
         if isinstance(value, dict) and "_target_" in value:
@@ -281,7 +290,7 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> No
     ])
     changeable = {
         "scale": changes([("scale", saved.get("scale"), current["scale"])]),
-        "head": [] if fixed else changes([("head", margin(saved.get("head", {})), margin(current["head"]))]),
+        "head": [] if fixed else changes([("head", margin_config(saved.get("head", {})), margin_config(current["head"]))]),
     }
     refused = fixed + [change for name, found in changeable.items() if name not in allowed for change in found]
     if refused:

@@ -18,6 +18,7 @@ from facerec.evaluation import EvaluationMetric, EvaluationProtocol, ScoringOpti
 from facerec.evaluation.embeddings import begin_cudagraph_step
 from facerec.heads import MarginHead
 from facerec.training.checkpoints import rng_states, set_rng_states
+from facerec.training.class_means import CENTRE_INITS, start_centres_at_class_means
 from facerec.training.distillation import Distillation
 from facerec.training.step_guard import NonFiniteStepGuard
 
@@ -45,6 +46,9 @@ class FaceRecognitionModule(L.LightningModule):
     distillation: with a teacher (facerec.training.distillation, distill=), a step's loss is its
     weighting of the head's loss and the distillation losses, each logged (train/loss_margin,
     train/distill_<loss>, train/teacher_cosine); its projection is trained with the rest.
+    centre_init: head.init, how a new run's class centres start: "random" (as the head built them) or
+    "class_means" (the class means of the starting backbone, facerec.training.class_means; a
+    resumed run takes its centres from its checkpoint either way).
 
     Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
     of k micro-batches of B = dataset.batch_size samples, and Lightning divides each micro-batch's loss
@@ -76,8 +80,11 @@ class FaceRecognitionModule(L.LightningModule):
         distillation: Distillation | None = None,
         val_options: ScoringOptions | None = None,
         val_scores_path: str | Path | None = None,
+        centre_init: str = "random",
     ):
         super().__init__()
+        if centre_init not in CENTRE_INITS:
+            raise ValueError(f"head.init={centre_init!r}: expected one of {', '.join(CENTRE_INITS)}")
         self.backbone = backbone
         self.head = head
         self.optimizer_factory = optimizer
@@ -89,6 +96,7 @@ class FaceRecognitionModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p, val_options) for name, p in (val_protocols or {}).items()})
         self.val_scores_path = None if val_scores_path is None else Path(val_scores_path)
         self.last_validation_step = -1
+        self.centre_init = centre_init
         self.register_load_state_dict_pre_hook(_rename_keys_of_earlier_modules)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -233,6 +241,21 @@ class FaceRecognitionModule(L.LightningModule):
         ignored = [f"head.{name}" for name in self.head.shard()]
         if ignored:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
+
+    def on_train_start(self) -> None:
+        """head.init=class_means in a new run: the centres start at the class means, here because every
+        rank holds its rows by now (configure_model), a resumed run has restored its own, and no
+        optimizer step has been taken. train/init_top1: the training images' top-1 against them."""
+        if self.centre_init != "class_means" or self.trainer.ckpt_path is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("head.init=class_means reads the training images from the datamodule: fit with datamodule=")
+        result = start_centres_at_class_means(
+            self.backbone, self.head, datamodule.unaugmented_train_dataloader(), self.device, self.trainer.precision_plugin
+        )
+        for logger in self.loggers:
+            logger.log_metrics({"train/init_top1": result.top1}, step=self.global_step)
 
     def _centres_index(self) -> int:
         # The class centres' key in the optimizer state: configure_optimizers passes self.parameters().
