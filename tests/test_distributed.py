@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from fault_injection import signal_at
-from hydra.utils import instantiate
-
 from conftest import TINY_RUN, compose_config, read_metrics, run_script
 from facerec.cluster import slurm_job_id
-from facerec.heads import FixedScale, MarginHead
+from facerec.training.fit import build_head
 
 SLURM_TASK = {
     "SLURM_JOB_ID": "4242",
@@ -165,5 +163,5 @@ def test_a_sigmoid_head_trains_on_two_processes_class_sharded_as_it_does_dense(h
     assert states["partial_fc"].keys() == states["dense"].keys()
     for key, value in states["dense"].items():
         torch.testing.assert_close(states["partial_fc"][key], value, rtol=1e-9, atol=1e-11, msg=key)
-    start = MarginHead(8, 20, instantiate(compose_config([*TINY_RUN, f"head={head}"], tmp_path).head), FixedScale(30.0)).margin.bias
+    start = build_head(compose_config([*TINY_RUN, f"head={head}", "scale=fixed"], tmp_path)).margin.bias
     assert abs(states["dense"]["head.margin.bias"].item() - start.item()) > 1e-3
