@@ -21,6 +21,9 @@ import time
 
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import (
+    Precision,  # float32: no autocast, inputs as they are
+)
 
 from facerec.paths import REPO_ROOT
 from facerec.training.class_means import start_centres_at_class_means
@@ -28,16 +31,6 @@ from facerec.training.fit import build_module
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the helper that composes the real configs, shared with the tests
 from config_helpers import compose_config  # noqa: E402
-
-
-class Precision:
-    """The plain float32 precision plugin's two calls, outside a Trainer."""
-
-    def forward_context(self):
-        return torch.autocast("cpu", enabled=False)
-
-    def convert_input(self, images):
-        return images
 
 
 def main() -> None:

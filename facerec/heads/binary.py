@@ -64,8 +64,6 @@ class BinaryMargin(Margin):
             self.bias.fill_(self.initial_bias(num_classes, scale.value))
 
     def loss(self, x_hat, weight, columns, per_sample, scale: ScalePolicy, centres: ClassCentres, workspace: Workspace, statistics):
-        if centres.centres_per_class != 1:
-            raise ValueError(f"{type(self).__name__} has one centre per class, got {centres.centres_per_class}")
         return OneVsAllLoss.apply(x_hat, weight, columns, self.bias, self, scale, centres, workspace, statistics)
 
     def logits(self, cos: torch.Tensor, column: torch.Tensor, per_sample: torch.Tensor | None, s: float) -> torch.Tensor:

@@ -41,7 +41,7 @@ class PartialFC(ClassCentres):
         self.sample_rate = float(sample_rate)
         self.rank, self.world_size, self.class_start = 0, 1, 0
         self.sampled: torch.Tensor | None = None  # class ids used by the last sampled step
-        self.sampled_weights: torch.Tensor | None = None  # their weights in a loss summed over classes
+        self._draw: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last draw: (scores, kept classes, shard size)
 
     @property
     def sees_global_batch(self) -> bool:
@@ -95,14 +95,22 @@ class PartialFC(ClassCentres):
         score = torch.rand(num_local, device=self.weight.device)
         positive = torch.where(local_labels >= 0, 2.0, -1.0)  # above every random score: always kept
         score.scatter_reduce_(0, local_labels.clamp(min=0), positive, "amax")
-        kept = score.topk(keep)
-        index, order = kept.indices.sort()
-        is_positive = kept.values[order] > 1.5
-        positives = is_positive.sum()  # a tensor: no host sync
-        drawn_weight = (num_local - positives).to(torch.promote_types(self.weight.dtype, torch.float32)) / (keep - positives).clamp(min=1)
-        self.sampled_weights = torch.where(is_positive, 1.0, drawn_weight)
+        index = score.topk(keep).indices.sort().values
+        self._draw = (score, index, num_local)  # for sampled_weights, which only a loss summed over classes asks for
         self.sampled = index + self.class_start
         return index
+
+    @property
+    def sampled_weights(self) -> torch.Tensor | None:
+        """The last draw's column weights (see `_sample`): computed when asked, so the softmax heads,
+        which never ask, pay nothing for them."""
+        if self._draw is None:
+            return None
+        score, index, num_local = self._draw
+        is_positive = score[index] > 1.5
+        positives = is_positive.sum()  # a tensor: no host sync
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return torch.where(is_positive, 1.0, (num_local - positives).to(dtype) / (len(index) - positives).clamp(min=1))
 
     def cosines(self, x_hat: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
