@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from torch import nn
 
 from conftest import TINY_RUN, compose_config, read_metrics
@@ -28,18 +27,15 @@ IMAGES = 160
 
 def fit(run_dir, overrides: list[str], callbacks=(), freeze_batchnorm: bool = False):
     """A smoke run (logger=csv) as train.py builds it, plus `callbacks`; returns (module, trainer).
-    freeze_batchnorm: every BatchNorm normalises with its fixed statistics (model.freeze on all of
-    their parameters), so a sample's embedding does not depend on the other samples of its batch."""
-    cfg = compose_config(
-        [*TINY_RUN, "logger=csv", "+trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
-         "+trainer.enable_progress_bar=false", *overrides], run_dir
-    )
+    freeze_batchnorm: every BatchNorm normalises with its fixed statistics (finetune.freeze on all of
+    their parameters, finetune=partial), so a sample's embedding does not depend on the other samples of its batch."""
+    options = [*TINY_RUN, "logger=csv", "+trainer.limit_val_batches=0", "+trainer.enable_checkpointing=false",
+               "+trainer.enable_progress_bar=false", *overrides]
+    cfg = compose_config(options, run_dir)
     if freeze_batchnorm:
         backbone = build_backbone(cfg.model)
-        with open_dict(cfg):
-            cfg.model.freeze = [
-                name for name, module in backbone.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-            ]
+        batchnorms = [name for name, module in backbone.named_modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+        cfg = compose_config([*options, "finetune=partial", f"finetune.freeze=[{','.join(batchnorms)}]"], run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.dataset)
     module = build_module(cfg)

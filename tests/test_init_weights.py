@@ -1,5 +1,5 @@
 """Training from given weights (model.weights: insightface's backbone.pth or a train.py checkpoint)
-and with frozen parameters (model.freeze), strict and weights-only; a resumed run keeps its checkpoint's."""
+and with frozen parameters (finetune=partial), strict and weights-only; a resumed run keeps its checkpoint's."""
 from __future__ import annotations
 
 import json
@@ -81,7 +81,8 @@ def test_train_py_from_an_insightface_file_with_frozen_early_layers(tmp_path):
             *TINY_RUN,
             "model=iresnet18",
             f"model.weights={tmp_path / 'backbone.pth'}",
-            "model.freeze=[conv1,bn1,layer1]",
+            "finetune=partial",
+            "finetune.freeze=[conv1,bn1,layer1]",
             "dataset.train.image_size=112",
             "dataset.num_classes=4",
             "dataset.train.images_per_class=1",
@@ -117,7 +118,8 @@ def probe_run(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
             "train.py",
             *TINY_RUN,
             f"model.weights={tmp / 'start.pth'}",
-            f"model.freeze=[{','.join(FROZEN)}]",
+            "finetune=partial",
+            f"finetune.freeze=[{','.join(FROZEN)}]",
             "optim.scheduler=null",  # the configured lr from the first step
             "trainer.max_steps=2",
             "logger=csv",
@@ -130,7 +132,7 @@ def probe_run(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 def test_training_starts_from_the_weights_and_leaves_frozen_parts_alone(probe_run):
     run_dir, start = probe_run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 2 and checkpoint["facerec_config"]["model"]["freeze"] == list(FROZEN)
+    assert checkpoint["global_step"] == 2 and checkpoint["facerec_config"]["finetune"]["freeze"] == list(FROZEN)
     trained = backbone_state(checkpoint)
     frozen = [key for key in start if key.startswith(FROZEN)]
     # frozen: parameters (no gradient, so no momentum or weight decay) and BatchNorm statistics (eval mode)
@@ -146,7 +148,7 @@ def test_training_starts_from_the_weights_and_leaves_frozen_parts_alone(probe_ru
     assert f"backbone initialised from model.weights={run_dir.parent / 'start.pth'}" in log
     names = [name for name, _ in model.named_parameters()]
     count = sum(name.startswith(FROZEN) for name in names)
-    assert f"model.freeze=['stem', 'stages.0']: {count} of the backbone's {len(names)} parameter tensors frozen" in log
+    assert f"finetune.freeze=['stem', 'stages.0']: {count} of the backbone's {len(names)} parameter tensors frozen" in log
 
 
 def test_a_resumed_run_keeps_its_checkpoint_weights(probe_run, tmp_path):
@@ -157,7 +159,8 @@ def test_a_resumed_run_keeps_its_checkpoint_weights(probe_run, tmp_path):
             "train.py",
             *TINY_RUN,
             f"model.weights={tmp_path / 'gone.pth'}",  # never read: the checkpoint's weights win
-            f"model.freeze=[{','.join(FROZEN)}]",
+            "finetune=partial",
+            f"finetune.freeze=[{','.join(FROZEN)}]",
             "optim.scheduler=null",
             "trainer.max_steps=3",
             "logger=csv",
@@ -185,7 +188,7 @@ def test_a_train_py_checkpoint_gives_its_backbone(probe_run, tmp_path):
 
 
 def test_frozen_batchnorm_keeps_its_statistics_in_training_mode(tmp_path):
-    module = build_module(compose_config([*TINY_RUN, "model.freeze=stem"], tmp_path))  # one prefix: a list or a string
+    module = build_module(compose_config([*TINY_RUN, "finetune=partial", "finetune.freeze=stem"], tmp_path))  # one prefix: a list or a string
     backbone = module.backbone
     statistics = backbone.stem[1].running_mean.clone()
     module.train()  # as Lightning does at each epoch and after each validation
@@ -198,8 +201,8 @@ def test_frozen_batchnorm_keeps_its_statistics_in_training_mode(tmp_path):
 
 
 def test_freeze_names_prefixes_that_match_nothing(tmp_path):
-    cfg = compose_config([*TINY_RUN, "model.freeze=[stem,layer1]"], tmp_path)
-    with pytest.raises(ValueError, match=r"model.freeze=\['stem', 'layer1'\]: no parameter name of the backbone TinyNet starts with 'layer1'; its parameters are named stem, stages, bn2, fc, features\."):
+    cfg = compose_config([*TINY_RUN, "finetune=partial", "finetune.freeze=[stem,layer1]"], tmp_path)
+    with pytest.raises(ValueError, match=r"finetune.freeze=\['stem', 'layer1'\]: no parameter name of the backbone TinyNet starts with 'layer1'; its parameters are named stem, stages, bn2, fc, features\."):
         build_module(cfg)
 
 

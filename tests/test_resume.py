@@ -21,6 +21,8 @@ SETUPS = {
     "ema": ["scale=fixed", "callbacks=ema", "callbacks.ema.decay=0.9"],
     # a sigmoid head: its learned bias is a parameter with optimizer state, resumed where it was
     "uniface": ["scale=fixed", "head=uniface"],
+    # LoRA adapters under weight EMA: the checkpoints hold the merged backbones, the adapted forms beside them
+    "lora_ema": ["scale=fixed", "finetune=lora", "callbacks=ema", "callbacks.ema.decay=0.9"],
 }
 
 
@@ -46,7 +48,13 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     assert final_resumed["global_step"] == final_straight["global_step"] == 30
     for key, value in final_straight["state_dict"].items():
         assert torch.equal(value, final_resumed["state_dict"][key]), key
-    if setup == "ema":  # the preemption checkpoint holds step 14's average, whichever callback ran first
+    if setup == "lora_ema":
+        for name in ("state_dict", "current_model_state"):
+            kept = final_straight["finetune_training_state"][name]
+            assert any(".lora_B." in key for key in kept) and not any("lora" in key for key in final_straight[name])
+            for key, value in kept.items():
+                assert torch.equal(value, final_resumed["finetune_training_state"][name][key]), (name, key)
+    if setup in ("ema", "lora_ema"):  # the preemption checkpoint holds step 14's average, whichever callback ran first
         assert first["averaging_state"]["n_averaged"] == 14 and final_straight["averaging_state"]["n_averaged"] == 30
         for name in ("current_model_state", "averaging_state"):
             for key, value in final_straight[name].items():

@@ -28,6 +28,9 @@ class FaceBackbone(nn.Module):
     """
 
     input_size = 112
+    # The top-level modules `embedding` runs (feature maps -> embeddings): what
+    # finetune=linear_probe trains beside the head with finetune.train_embedding_layer=true.
+    embedding_layer: tuple[str, ...] = ()
 
     def __init__(self, embedding_size: int, autocast: str | None = None, channels_last: bool = False):
         super().__init__()
@@ -72,6 +75,8 @@ class FlatEmbedding(FaceBackbone):
     public IResNet weights load; subclasses call `add_embedding_layer` after their trunk so
     the state_dict lists keys in insightface's order too.
     """
+
+    embedding_layer = ("bn2", "fc", "features")
 
     def add_embedding_layer(self, channels: int, spatial: int, dropout: float) -> None:
         self.bn2 = nn.BatchNorm2d(channels)

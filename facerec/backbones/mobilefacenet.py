@@ -69,6 +69,8 @@ class MobileFaceNet(FaceBackbone):
     place of IResNet's dropout before its FC; it holds no weights, so state_dicts are unchanged.
     """
 
+    embedding_layer = ("conv_sep", "features")
+
     def __init__(
         self,
         embedding_size: int = 512,

@@ -9,7 +9,7 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # Keys of a conf/model config that are not constructor options: train.py applies them to the built
-# backbone (the weights it starts from, the parameters it keeps fixed; facerec.training.fit).
+# backbone (the weights it starts from; `freeze`, which finetune=partial replaced, is refused there).
 TRAINING_INIT_KEYS = ("weights", "freeze")
 
 

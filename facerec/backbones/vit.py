@@ -108,6 +108,8 @@ class VisionTransformer(FaceBackbone):
     int(144 * (1 - mask_ratio)) of them).
     """
 
+    embedding_layer = ("feature",)
+
     def __init__(
         self,
         embed_dim: int = 256,

@@ -5,9 +5,6 @@ import inspect
 import logging
 import os
 import types
-from collections.abc import Sequence
-from functools import partial
-from itertools import chain
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +12,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
 
 from facerec.backbones.registry import TRAINING_INIT_KEYS
 from facerec.backbones.weights import build_backbone, initialise_backbone
@@ -27,6 +23,7 @@ from facerec.evaluation.evalsets import build_protocols, compose_evalsets, unnam
 from facerec.heads import MarginHead
 from facerec.training.checks import check_data_and_model, check_launch, check_precision
 from facerec.training.distillation import build_distillation
+from facerec.training.finetune import FineTuning
 from facerec.training.module import FaceRecognitionModule
 
 log = logging.getLogger(__name__)
@@ -82,47 +79,6 @@ def record_in_saved_config(key: str, value) -> None:
         os.replace(temporary, saved)  # never a half-written config
 
 
-def freeze(backbone: nn.Module, prefixes: str | Sequence[str]) -> list[str]:
-    """Keep the backbone's parameters whose names start with any of `prefixes` fixed (model.freeze,
-    e.g. linear probing); returns their names. They get requires_grad=False: no gradient, so the
-    optimizers (which skip a parameter without one) never change them, weight decay and momentum
-    included. A BatchNorm whose parameters and statistics are all frozen normalises with its running
-    statistics and keeps them (eval mode): a forward pre-hook puts it back in eval mode whenever the
-    backbone runs in training mode, since Lightning sets the whole model to train mode at each epoch
-    and after each validation."""
-    prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(str(prefix) for prefix in prefixes)
-    names = [name for name, _ in backbone.named_parameters()]
-    unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
-    if unmatched:
-        tops = dict.fromkeys(name.split(".")[0] for name in names)  # in the backbone's order
-        raise ValueError(
-            f"model.freeze={list(prefixes)}: no parameter name of the backbone {type(backbone).__name__} starts with "
-            f"{', '.join(map(repr, unmatched))}; its parameters are named {', '.join(tops)}.<...> (backbone.named_parameters())"
-        )
-    frozen = [name for name in names if name.startswith(prefixes)]
-    for name in frozen:
-        backbone.get_parameter(name).requires_grad_(False)
-    batchnorms = [
-        name
-        for name, module in backbone.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and all(
-            f"{name}.{key}".startswith(prefixes)
-            for key, _ in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
-        )
-    ]
-    if batchnorms:
-        backbone.register_forward_pre_hook(partial(keep_in_eval_mode, batchnorms))
-    return frozen
-
-
-def keep_in_eval_mode(names: list[str], backbone: nn.Module, args) -> None:
-    """Forward pre-hook: the backbone's submodules `names` run in eval mode even in training."""
-    if backbone.training:
-        for name in names:
-            backbone.get_submodule(name).eval()
-
-
 SIZE_KEYS = ("embedding_size", "num_classes")  # in head configs saved before the sizes moved out
 
 
@@ -154,18 +110,23 @@ def build_module(
     cfg: DictConfig, load_weights: bool = True, val_protocols: dict[str, EvaluationProtocol] | None = None
 ) -> FaceRecognitionModule:
     """The module a run config describes, validating on `val_protocols`. The backbone starts from
-    model.weights when set (and `load_weights`: a resumed run takes its weights from the checkpoint),
-    then model.freeze applies."""
+    model.weights when set (and `load_weights`: a resumed run takes its weights from the checkpoint,
+    and the record of the starting weights too), then the fine-tuning mode (finetune=) prepares it."""
+    if cfg.model.get("freeze"):
+        raise ValueError(
+            f"model.freeze={list(cfg.model.freeze)}: parameters are kept fixed by the fine-tuning mode now: "
+            f"finetune=partial finetune.freeze=[{','.join(map(str, cfg.model.freeze))}]"
+        )
     backbone = build_backbone(cfg.model)
+    starting_weights = None
     if cfg.model.get("weights") and load_weights:
         initialise_backbone(backbone, cfg.model, cfg.model.weights)
-        log.info("backbone initialised from model.weights=%s", cfg.model.weights)
-    if cfg.model.get("freeze"):
-        frozen = freeze(backbone, cfg.model.freeze)
-        total = len(list(backbone.parameters()))
-        log.info("model.freeze=%s: %d of the backbone's %d parameter tensors frozen", cfg.model.freeze, len(frozen), total)
+        starting_weights = {"file": str(cfg.model.weights), "sha256": file_sha256(cfg.model.weights)}
+        log.info("backbone initialised from model.weights=%s (sha256 %s)", cfg.model.weights, starting_weights["sha256"])
+    # _partial_: the mode's own ValueError reaches the user, not wrapped in an InstantiationException
+    finetuning = instantiate(cfg.finetune, _partial_=True)() if cfg.get("finetune") else FineTuning()
     return FaceRecognitionModule(
-        backbone,
+        finetuning.prepare(backbone),
         build_head(cfg),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
@@ -176,6 +137,8 @@ def build_module(
         val_options=ScoringOptions(bootstrap_from(cfg.get("val_bootstrap")), erc=False),  # eval.py draws the quality curves
         val_scores_path=Path(cfg.paths.output_dir) / VAL_SCORES_FILE if cfg.get("save_val_scores") else None,
         centre_init=cfg.head.get("init", "random"),
+        finetuning=finetuning,
+        starting_weights=starting_weights,
         distillation=build_distillation(
             OmegaConf.to_container(cfg.distill, resolve=True) if cfg.get("distill") else None,
             cfg.model.embedding_size,
@@ -257,11 +220,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> Path | None:
 # Settings a resumed run may change where resume.allow_changes names them: the scale policy (its
 # state starts afresh) and the margin's parameters (the margin's running state is kept).
 CHANGEABLE_ON_RESUME = ("scale", "head")
+NO_FINETUNING = {"_target_": "facerec.training.finetune.FineTuning", "backbone_lr_scale": 1.0}  # conf/finetune/none.yaml
 
 
 def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> None:
-    """A checkpoint resumes only into the same backbone, class set and head kind (model.weights and
-    model.freeze aside: a resumed run takes its weights from the checkpoint; head.init too: it takes its
+    """A checkpoint resumes only into the same backbone, class set, head kind and fine-tuning mode
+    (model.weights aside: a resumed run takes its weights from the checkpoint; head.init too: it takes its
     class centres from there), and into the same scale policy and margin parameters unless
     resume.allow_changes names them (the change is logged)."""
     saved = checkpoint_config(checkpoint, path)
@@ -287,6 +251,8 @@ def check_resume_compatible(cfg: DictConfig, checkpoint: dict, path: Path) -> No
         ("model", architecture(saved["model"]), architecture(current["model"])),
         ("dataset.num_classes", saved.get("dataset", {}).get("num_classes"), current["dataset"]["num_classes"]),
         ("head._target_", saved.get("head", {}).get("_target_"), current["head"]["_target_"]),
+        # the optimizer state and a LoRA checkpoint's adapted form belong to the mode (no finetune key: finetune=none)
+        ("finetune", saved.get("finetune", NO_FINETUNING), current.get("finetune", NO_FINETUNING)),
     ])
     changeable = {
         "scale": changes([("scale", saved.get("scale"), current["scale"])]),

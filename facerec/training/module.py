@@ -20,6 +20,7 @@ from facerec.heads import MarginHead
 from facerec.training.checkpoints import rng_states, set_rng_states
 from facerec.training.class_means import CENTRE_INITS, start_centres_at_class_means
 from facerec.training.distillation import Distillation
+from facerec.training.finetune import FineTuning
 from facerec.training.step_guard import NonFiniteStepGuard
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class FaceRecognitionModule(L.LightningModule):
     centre_init: head.init, how a new run's class centres start: "random" (as the head built them) or
     "class_means" (the class means of the starting backbone, facerec.training.class_means; a
     resumed run takes its centres from its checkpoint either way).
+    finetuning: the fine-tuning mode (finetune=, facerec.training.finetune) `backbone` was prepared
+    by: it gives the optimizer's parameter groups, and converts checkpoints' backbone to the plain
+    form eval.py and export read and back. starting_weights: {"file", "sha256"} of model.weights,
+    recorded in checkpoints (a resumed run keeps its checkpoint's).
 
     Gradient accumulation (trainer.accumulate_grad_batches = k): an optimizer step sums the gradients
     of k micro-batches of B = dataset.batch_size samples, and Lightning divides each micro-batch's loss
@@ -81,6 +86,8 @@ class FaceRecognitionModule(L.LightningModule):
         val_options: ScoringOptions | None = None,
         val_scores_path: str | Path | None = None,
         centre_init: str = "random",
+        finetuning: FineTuning | None = None,
+        starting_weights: dict[str, str] | None = None,
     ):
         super().__init__()
         if centre_init not in CENTRE_INITS:
@@ -97,6 +104,8 @@ class FaceRecognitionModule(L.LightningModule):
         self.val_scores_path = None if val_scores_path is None else Path(val_scores_path)
         self.last_validation_step = -1
         self.centre_init = centre_init
+        self.finetuning = finetuning if finetuning is not None else FineTuning()
+        self.starting_weights = starting_weights
         self.register_load_state_dict_pre_hook(_rename_keys_of_earlier_modules)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,7 +166,7 @@ class FaceRecognitionModule(L.LightningModule):
             grad_checked = grad_checked + total_grad_norm(self.distillation.parameters())
 
         def describe(loss: torch.Tensor) -> str:
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[-1]["lr"]  # the head's (finetune= may give the backbone a group of its own)
             return f"step {self.global_step}: loss={loss.item():.4g}, s={self.head.scale.value:.4g}, lr={lr:.4g}"
 
         self.step_guard.check(self.trainer, optimizer, grad_checked, self._model_buffers(), describe)
@@ -167,8 +176,16 @@ class FaceRecognitionModule(L.LightningModule):
             self.log("train/grad_norm_head", grad_head)
             self.log("train/nonfinite_steps", self.step_guard.nonfinite_steps.float())
 
+    def _parameter_groups(self) -> list[dict]:
+        """The fine-tuning mode's parameter groups: every parameter, the backbone's first, in
+        self.parameters()'s order (the backbone is the first module)."""
+        backbone = {id(p) for p in self.backbone.parameters()}
+        return self.finetuning.param_groups(list(self.backbone.parameters()), [p for p in self.parameters() if id(p) not in backbone])
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory([{k: v for k, v in group.items() if k != "lr_scale"} for group in self._parameter_groups()])
+        for group, wanted in zip(optimizer.param_groups, self._parameter_groups()):
+            group["lr"] *= wanted["lr_scale"]
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.total_training_steps())
@@ -258,12 +275,40 @@ class FaceRecognitionModule(L.LightningModule):
             logger.log_metrics({"train/init_top1": result.top1}, step=self.global_step)
 
     def _centres_index(self) -> int:
-        # The class centres' key in the optimizer state: configure_optimizers passes self.parameters().
-        return next(i for i, p in enumerate(self.parameters()) if p is self.head.centres.weight)
+        # The class centres' key in the optimizer state: the position in configure_optimizers' groups.
+        parameters = (p for group in self._parameter_groups() for p in group["params"])
+        return next(i for i, p in enumerate(parameters) if p is self.head.centres.weight)
 
     # -------------------------------------------------------------- checkpoints
+    def _convert_backbone(self, checkpoint: dict, convert) -> None:
+        """Apply `convert(name, backbone state) -> backbone state` to the backbone's entries of the
+        checkpoint's module states (`state_dict`, and `current_model_state` under weight averaging)."""
+        prefix = "backbone."
+        for name in ("state_dict", "current_model_state"):
+            if name in checkpoint:
+                state = checkpoint[name]
+                backbone = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+                rest = {key: value for key, value in state.items() if not key.startswith(prefix)}
+                checkpoint[name] = {**{prefix + key: value for key, value in convert(name, backbone).items()}, **rest}
+
+    def _save_plain_backbone(self, checkpoint: dict) -> None:
+        """The checkpoint's module states get the plain backbone; what resuming needs beyond it goes to
+        `finetune_training_state`."""
+        kept = {}
+
+        def plain(name: str, state: dict) -> dict:
+            plain_state, kept[name] = self.finetuning.plain_state(self.backbone, state)
+            return plain_state
+
+        self._convert_backbone(checkpoint, plain)
+        kept = {name: state for name, state in kept.items() if state}
+        if kept:
+            checkpoint["finetune_training_state"] = kept
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["facerec_config"] = self.config
+        checkpoint["starting_weights"] = self.starting_weights
+        self._save_plain_backbone(checkpoint)
         checkpoint["rng_states"] = rng_states()
         if self.distillation is not None:  # which teacher: a resumed run must learn from the same one
             checkpoint["distill_teacher"] = self.distillation.teacher.identity
@@ -274,6 +319,9 @@ class FaceRecognitionModule(L.LightningModule):
         self.head.gather_optimizer_state(checkpoint.get("optimizer_states", []), self._centres_index())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        kept = checkpoint.pop("finetune_training_state", {})
+        self._convert_backbone(checkpoint, lambda name, plain: self.finetuning.training_state(plain, kept.get(name, {})))
+        self.starting_weights = checkpoint.get("starting_weights")
         if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
             # Written with weight averaging (callbacks=ema): `state_dict` holds the average, and
             # the trained tensors, which the optimizer state belongs to, are here: continue from them.
