@@ -47,6 +47,11 @@ def test_validation_every_n_steps_reaches_csv_and_wandb(tmp_path):
     assert all(a < b for a, b in zip(far, far[1:])) and all(a <= b for a, b in zip(tar, tar[1:]))
     record = next(run.glob("run-*.wandb")).read_bytes()
     assert b"val/roc" in record and b"wandb/line/v0" in record  # the custom line chart over the ROC table
+    by_set = wandb_tables(run, "accuracy_by_set_table")  # each set's accuracy against the step, all validations so far
+    assert len(by_set) == 4 and by_set[-1]["columns"] == ["step", "set", "accuracy"]
+    # x: optimizer steps taken, as the W&B payloads' trainer/global_step (the CSV rows count from 0)
+    assert by_set[-1]["data"] == [[int(row["step"]) + 1, "synthetic_heldout", pytest.approx(float(row["val/synthetic_heldout/accuracy"]))]
+                                  for row in validations]  # fmt: skip
 
 
 # The three kinds of protocol by name, on a model that takes the IJB fixture's 112x112 crops.

@@ -256,10 +256,14 @@ def wandb_curve_rows(results: Mapping[str, ProtocolResult]) -> dict[str, list[li
     return rows
 
 
-def log_to_wandb(loggers: Sequence, evaluations: Mapping[str, Evaluation], step: int, prefix: str = "val") -> None:
+def log_to_wandb(
+    loggers: Sequence, evaluations: Mapping[str, Evaluation], step: int, prefix: str = "val", history: Sequence[Sequence] = ()
+) -> None:
     """Log, to every attached Lightning WandbLogger, one table per result kind (a row per set: its
     `summary()` metrics and their interval bounds) and the ROC (TAR against log10 FAR) and CMC curves, one line per set;
-    nothing happens without a WandbLogger."""
+    with `history` ([step, set, accuracy] rows of every validation so far) the accuracy of each set
+    against the step, one line per set: fine-tuning's gain on the new people and loss on the
+    original domain on one panel. Nothing happens without a WandbLogger."""
     from lightning.pytorch.loggers import WandbLogger
 
     runs = [logger.experiment for logger in loggers if isinstance(logger, WandbLogger)]
@@ -281,4 +285,7 @@ def log_to_wandb(loggers: Sequence, evaluations: Mapping[str, Evaluation], step:
         if curves["cmc"]:
             cmc = wandb.Table(columns=["set", "rank", "identification rate"], data=curves["cmc"])
             payload[f"{prefix}/cmc"] = wandb.plot.line(cmc, "rank", "identification rate", stroke="set", title="CMC")
+        if history:
+            by_set = wandb.Table(columns=["step", "set", "accuracy"], data=[list(row) for row in history])
+            payload[f"{prefix}/accuracy_by_set"] = wandb.plot.line(by_set, "step", "accuracy", stroke="set", title="held-out accuracy per set")
         run.log(payload)

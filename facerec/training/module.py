@@ -103,6 +103,7 @@ class FaceRecognitionModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({name: EvaluationMetric(p, val_options) for name, p in (val_protocols or {}).items()})
         self.val_scores_path = None if val_scores_path is None else Path(val_scores_path)
         self.last_validation_step = -1
+        self.val_history: list[list] = []  # [step, set, accuracy] of every validation (the W&B panel per set)
         self.centre_init = centre_init
         self.finetuning = finetuning if finetuning is not None else FineTuning()
         self.starting_weights = starting_weights
@@ -243,8 +244,13 @@ class FaceRecognitionModule(L.LightningModule):
         accuracy_mean = mean_accuracy(evaluations)
         if accuracy_mean is not None:
             self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
+        self.val_history += [
+            [self.global_step, name, evaluation.summary()["accuracy"]]
+            for name, evaluation in evaluations.items()
+            if "accuracy" in evaluation.summary()
+        ]
         if evaluations and self.trainer.is_global_zero:
-            log_to_wandb(self.loggers, evaluations, self.global_step)  # per-kind tables, ROC and CMC
+            log_to_wandb(self.loggers, evaluations, self.global_step, history=self.val_history)  # tables, ROC, CMC, accuracy per set
             if self.val_scores_path is not None:  # the last validation's scored items: facerec.tools.compare pairs runs on them
                 self.val_scores_path.parent.mkdir(parents=True, exist_ok=True)
                 write_scores(evaluations, self.val_scores_path)
@@ -308,6 +314,7 @@ class FaceRecognitionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["facerec_config"] = self.config
         checkpoint["starting_weights"] = self.starting_weights
+        checkpoint["val_history"] = self.val_history
         self._save_plain_backbone(checkpoint)
         checkpoint["rng_states"] = rng_states()
         if self.distillation is not None:  # which teacher: a resumed run must learn from the same one
@@ -322,6 +329,7 @@ class FaceRecognitionModule(L.LightningModule):
         kept = checkpoint.pop("finetune_training_state", {})
         self._convert_backbone(checkpoint, lambda name, plain: self.finetuning.training_state(plain, kept.get(name, {})))
         self.starting_weights = checkpoint.get("starting_weights")
+        self.val_history = checkpoint.get("val_history", [])
         if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in self.trainer.callbacks):
             # Written with weight averaging (callbacks=ema): `state_dict` holds the average, and
             # the trained tensors, which the optimizer state belongs to, are here: continue from them.
