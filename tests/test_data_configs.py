@@ -10,7 +10,9 @@ from conftest import CONF_DIR, column, compose_config, read_metrics, run_script
 from data_helpers import write_jpeg_folder
 from facerec.data import BinVerificationSet, LfwPairs, write_bin
 from facerec.data.convert import folder_to_rec
+from facerec.data.image_folder import read_identity_list
 from facerec.evaluation import PairVerification
+from facerec.evaluation.evalsets import compose_evalsets
 
 EVALUATION_SETS = sorted(p.stem for p in (CONF_DIR / "evalset").glob("*.yaml"))
 BIN_SETS = {"lfw_bin": "lfw", "cfp_fp": "cfp_fp", "cfp_ff": "cfp_ff", "agedb_30": "agedb_30", "calfw": "calfw",
@@ -127,3 +129,16 @@ def test_orl_trains_and_verifies_on_held_out_people(shared_data, tmp_path):
     )
     assert "held-out verification orl_heldout: accuracy" in out.stdout
     assert "finished after 9 steps" in out.stdout  # 300 images of s1..s30, batches of 32
+
+
+@pytest.mark.parametrize("num_classes", [100, 1000])
+def test_lfw_devtest_people_are_scored_only_on_the_people_not_drawn(shared_data, tmp_path, num_classes):
+    cfg = compose_config(["dataset=lfw_devtest_people", f"dataset.num_classes={num_classes}", f"paths.data_dir={shared_data}"], tmp_path)
+    train_set = instantiate(cfg.dataset.train)
+    compose_evalsets(cfg, ["lfw_devtest_untrained"], "val_sets")
+    pairs = instantiate(cfg.evalset.lfw_devtest_untrained.pairs)
+    devtrain = set(read_identity_list(shared_data / "lfw" / "peopleDevTrain.txt"))
+    scored = {pairs.image_identities()[index] for pair in pairs.pairs for index in pair}
+    assert len(train_set.people) == num_classes and not set(train_set.people) & (devtrain | scored)
+    assert len(pairs.pairs) == 600 and int(pairs.issame.sum()) == 300 and not scored & devtrain
+    assert set(pairs.people) | set(train_set.people) == set(read_identity_list(shared_data / "lfw" / "peopleDevTest.txt")) - {"Betsy_Coffin"}

@@ -26,7 +26,7 @@ import torch
 
 from facerec.data.augment import FLIP, Augment
 from facerec.data.decode import image_tensor
-from facerec.data.image_folder import ImageFolderDataset, read_identity_list
+from facerec.data.image_folder import ImageFolderDataset, ImageFolderPairs, read_identity_list
 from facerec.data.verification import VerificationSet
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,18 @@ def identity_subset(names: Sequence[str], num_identities: int, seed: int = 0, so
     return [names[index] for index in np.sort(chosen)]
 
 
+def people_present(root: str | Path, identities: str | Path) -> list[str]:
+    """The people of an LFW people file that have a folder under `root`, in the file's order; the
+    absent ones are logged (the aligned LFW lacks Betsy_Coffin, DevTest's one person whose only image
+    is missing), so subsets are drawn from the people there are."""
+    names = read_identity_list(identities)
+    present = [name for name in names if (Path(root) / name).is_dir()]
+    if len(present) < len(names):
+        absent = [name for name in names if name not in set(present)]
+        log.warning("%s: %d listed people have no folder under %s and are left out: %s", identities, len(absent), root, absent[:10])
+    return present
+
+
 class LfwIdentities(ImageFolderDataset):
     """Training set of the people of an LFW people file under `root/<name>/<image>`: all of them, or
     `num_identities` drawn with `subset_seed` (`identity_subset`), each with all of its images and
@@ -162,6 +174,30 @@ class LfwIdentities(ImageFolderDataset):
         strict: bool = False,
         min_image_size: int | None = None,
     ):
-        names = read_identity_list(identities)
+        names = people_present(root, identities)
         self.people = identity_subset(names, num_identities, subset_seed, str(identities))
         super().__init__(root, self.people, image_size, augment, strict, min_image_size=min_image_size)
+
+
+class LfwUntrainedPairs(ImageFolderPairs):
+    """Same/different pairs over the people of an LFW people file that an `LfwIdentities` subset of
+    the same file did not train on: `trained_identities` people drawn with `subset_seed`, as
+    LfwIdentities draws them. Fine-tuning on some unseen people (e.g. DevTest's) is then scored on
+    the others, and no person trained on appears in any pair."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        identities: str | Path,
+        trained_identities: int,
+        subset_seed: int = 0,
+        num_pairs: int = 600,
+        n_folds: int = 10,
+        seed: int = 0,
+        image_size: int = 112,
+        name: str = "lfw_untrained",
+    ):
+        names = people_present(root, identities)
+        trained = set(identity_subset(names, trained_identities, subset_seed, str(identities)))
+        self.people = [person for person in names if person not in trained]
+        super().__init__(root, self.people, num_pairs, n_folds, seed, image_size, name)
