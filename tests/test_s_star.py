@@ -21,6 +21,7 @@ from facerec.data import SyntheticIdentities
 from facerec.data.lfw import LfwIdentities, identity_subset
 from facerec.heads import CosFace, MarginHead, NormFace, auto_scale
 from facerec.heads import RelativeScale
+from facerec.paths import REPO_ROOT
 from facerec.tools import s_sweep
 from facerec.training.fit import build_module
 
@@ -334,3 +335,22 @@ def test_s_sweep_needs_the_saved_config(tmp_path):
     (grid / "3" / ".hydra" / "config.yaml").unlink()
     with pytest.raises(SystemExit, match=r"grid/3: no .hydra/config.yaml"):
         s_sweep.main([str(grid)])
+
+
+def test_an_earlier_views_points_are_read_from_its_table_and_drawn(tmp_path):
+    earlier = s_sweep.read_earlier(REPO_ROOT / "docs" / "research" / "figures" / "s_star.md")  # the 2026-12-02 view
+    lfw_300 = next(point for point in earlier if point.curve == "lfw_devtrain, C=300, normface")
+    assert (lfw_300.family, lfw_300.num_classes) == ("lfw_devtrain, normface", 300)
+    assert lfw_300.peaks["auc"] == (12.64, 12.64, 12.64, True) and lfw_300.peaks["accuracy"][0] == 13.75
+    edge = next(point for point in earlier if point.curve == "synthetic_classes, C=30, normface")
+    assert edge.peaks["auc"] == (13.84, 13.26, 14.29, False)  # "(edge: not bracketed)"
+    grid, references = write_s_sweep(tmp_path / "runs")
+    own = tmp_path / "earlier.md"
+    s_sweep.main([str(grid), str(references), "--name", "first", "--out", str(tmp_path)])
+    own.write_text((tmp_path / "first.md").read_text())
+    s_sweep.main([str(grid), "--name", "again", "--out", str(tmp_path), "--earlier", str(own)])
+    assert f"as diamonds, the s*(C) points of the earlier view `{own}`" in (tmp_path / "again.md").read_text()
+    assert (tmp_path / "again_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.md").write_text("# no table\n")
+    with pytest.raises(SystemExit, match=r"--earlier .*bad.md: no '### s\*\(C\)' table"):
+        s_sweep.main([str(grid), "--out", str(tmp_path), "--earlier", str(tmp_path / "bad.md")])

@@ -311,6 +311,50 @@ def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0) -> tuple[list[SweepCur
     return fitted, fit_lines(fitted)
 
 
+@dataclass
+class EarlierPoint:
+    """An s*(C) point read from an earlier view's table (`--earlier`): its runs need not exist any more."""
+
+    curve: str
+    family: str
+    num_classes: int
+    peaks: dict[str, tuple[float, float, float, bool]]  # as SweepCurve.peaks
+
+
+EARLIER_COLUMNS = {"auc": "s* from AUC [95 %]", "accuracy": "s* from accuracy [95 %]"}
+PEAK_CELL = re.compile(r"(?P<s>[0-9.]+) \[(?P<low>[0-9.]+), (?P<high>[0-9.]+)\](?P<edge> \(edge: not bracketed\))?")
+
+
+def read_earlier(path: Path) -> list[EarlierPoint]:
+    """The points of the "### s*(C)" table in `path` (a `<name>.md` this view wrote), so a new view can
+    draw earlier sweeps beside its own after their run directories are gone. A curve's family is its
+    name without its "C=..." part, as SweepRun.family."""
+    lines = Path(path).read_text().splitlines()
+    try:
+        start = lines.index("### s*(C)")
+        header_at = next(i for i in range(start, len(lines)) if lines[i].startswith("| curve |"))
+    except (ValueError, StopIteration):
+        raise ValueError(f"--earlier {path}: no '### s*(C)' table with a '| curve |' header (a table s_sweep wrote)") from None
+    header = [cell.strip() for cell in lines[header_at].strip("|").split("|")]
+    missing = [name for name in ("curve", "C", *EARLIER_COLUMNS.values()) if name not in header]
+    if missing:
+        raise ValueError(f"--earlier {path}: the s*(C) table has no column {missing}")
+    points = []
+    for line in lines[header_at + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        peaks = {}
+        for metric, column in EARLIER_COLUMNS.items():
+            match = PEAK_CELL.match(cells[column])
+            peaks[metric] = (
+                (float(match["s"]), float(match["low"]), float(match["high"]), match["edge"] is None) if match else (math.nan,) * 3 + (False,)
+            )
+        family = ", ".join(part.strip() for part in cells["curve"].split(",") if not part.strip().startswith("C="))
+        points.append(EarlierPoint(cells["curve"], family, int(cells["C"].replace(",", "")), peaks))
+    return points
+
+
 def _interval(peak: tuple[float, float, float, bool]) -> str:
     s, low, high, bracketed = peak
     if math.isnan(s):
@@ -458,15 +502,16 @@ def plot_s_curves(curves: Sequence[SweepCurve], title: str | None = None):
     return figure
 
 
-def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: str | None = None):
+def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: str | None = None, earlier: Sequence[EarlierPoint] = ()):
     """s*(C) against ln(C - 1) with bootstrap intervals, per family, beside the formula's predictions (the
     half criterion's line and the inflection criterion's curve) and the s the auto_margin runs used; one
     panel per metric (s* fitted on AUC, on accuracy). Hollow markers: best grid point at the grid's edge.
-    Shaded bars: the s of the grid points within NEAR_BEST of the best one, which the sweep cannot tell apart."""
+    Shaded bars: the s of the grid points within NEAR_BEST of the best one, which the sweep cannot tell apart.
+    Diamonds: `earlier` points (read_earlier), in their family's colour, with their intervals."""
     import matplotlib.pyplot as plt
 
-    families = list(dict.fromkeys(curve.family for curve in curves))
-    x_max = 1.05 * max(math.log(curve.num_classes - 1) for curve in curves)
+    families = list(dict.fromkeys([*(curve.family for curve in curves), *(point.family for point in earlier)]))
+    x_max = 1.05 * max(math.log(c.num_classes - 1) for c in [*curves, *earlier])
     x_line = np.linspace(0, x_max, 50)
     # over the sweep's C only: at small C (ln(C - 1) below ~1) P(theta) has no inflection at 45 deg
     x_inflection = np.linspace(min(math.log(curve.num_classes - 1) for curve in curves), x_max, 50)
@@ -489,6 +534,14 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
                     # the bootstrap interval need not contain the peak of the mean curve (2 seeds): a bar, then the point
                     ax.vlines(x, low, high, color=colour, linewidth=1)
                     ax.plot(x, s, "o", color=colour, markerfacecolor=colour if bracketed else "none")
+            shown = [(point, point.peaks[metric]) for point in earlier if point.family == family]
+            for point, (s, low, high, bracketed) in shown:
+                if not math.isnan(s):
+                    x = math.log(point.num_classes - 1) + 0.08 * (index - (len(families) - 1) / 2) + 0.04
+                    ax.vlines(x, low, high, color=colour, linewidth=1, alpha=0.6)
+                    ax.plot(x, s, "D", color=colour, markerfacecolor=colour if bracketed else "none", alpha=0.6)
+            if shown:
+                ax.plot([], [], "D", color=colour, alpha=0.6, label=f"{family}: s*, earlier runs (table)")
             margin = [(math.log(c.num_classes - 1), p.s) for c in members for p in c.references if p.label == "auto_margin"]
             if margin:
                 ax.plot(*zip(*sorted(margin)), "s-.", color=colour, markerfacecolor="none", linewidth=1,
@@ -510,21 +563,23 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
     return figure
 
 
-def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep") -> tuple[list[Path], str]:
-    """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the tables."""
+def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Path | None = None) -> tuple[list[Path], str]:
+    """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the
+    tables. `earlier`: an earlier view's `<name>.md`, whose s*(C) points the fit figure draws as well."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves, fits = load_sweep(sweep_dirs)
+    earlier_points = read_earlier(earlier) if earlier is not None else []
     tables = s_sweep_tables(curves, fits)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # wrapped: a sweep run in parts has many dirs, and one long line would set the figure's width
     title = textwrap.fill(", ".join(dict.fromkeys(Path(d).name for d in sweep_dirs)), 120)
     paths = [out_dir / f"{name}_curves.png", out_dir / f"{name}_fit.png", out_dir / f"{name}.md"]
-    for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title), paths[1])):
+    for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title, earlier_points), paths[1])):
         figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
@@ -532,7 +587,9 @@ def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep") ->
         f"Runs: {sources}. Mean ± std over seeds; AUC and accuracy at the end of each run on the held-out pairs. "
         f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
         f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
-        "Lines are fitted to the bracketed s* only.\n\n" + tables + "\n"
+        "Lines are fitted to the bracketed s* only."
+        + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier view `{earlier}`." if earlier else "")
+        + "\n\n" + tables + "\n"
     )
     return paths, tables
 
@@ -542,9 +599,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories of experiment=s_star (or single run dirs)")
     parser.add_argument("--out", type=Path, help="where to write the figures and the tables (default: the first dir)")
     parser.add_argument("--name", default="s_sweep", help="file name stem of the figures and tables (default: s_sweep)")
+    parser.add_argument("--earlier", type=Path, help="an earlier view's <name>.md: its s*(C) points are drawn beside the new ones")
     args = parser.parse_args(argv)
     try:
-        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name)
+        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.s_sweep: {error}") from None
     print(tables)
