@@ -342,6 +342,7 @@ def test_an_earlier_views_points_are_read_from_its_table_and_drawn(tmp_path):
     lfw_300 = next(point for point in earlier if point.curve == "lfw_devtrain, C=300, normface")
     assert (lfw_300.family, lfw_300.num_classes) == ("lfw_devtrain, normface", 300)
     assert lfw_300.peaks["auc"] == (12.64, 12.64, 12.64, True) and lfw_300.peaks["accuracy"][0] == 13.75
+    assert next(point for point in earlier if point.curve == "lfw_devtrain, C=4,038, normface").family == "lfw_devtrain, normface"
     edge = next(point for point in earlier if point.curve == "synthetic_classes, C=30, normface")
     assert edge.peaks["auc"] == (13.84, 13.26, 14.29, False)  # "(edge: not bracketed)"
     grid, references = write_s_sweep(tmp_path / "runs")

@@ -350,7 +350,7 @@ def read_earlier(path: Path) -> list[EarlierPoint]:
             peaks[metric] = (
                 (float(match["s"]), float(match["low"]), float(match["high"]), match["edge"] is None) if match else (math.nan,) * 3 + (False,)
             )
-        family = ", ".join(part.strip() for part in cells["curve"].split(",") if not part.strip().startswith("C="))
+        family = re.sub(r", C=\d{1,3}(?:,\d{3})*", "", cells["curve"])  # "C=1,000": the count's own commas
         points.append(EarlierPoint(cells["curve"], family, int(cells["C"].replace(",", "")), peaks))
     return points
 
@@ -551,7 +551,8 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
             if fit is not None:
                 label += f", fit slope {fit.slope[0]:.3f}, intercept {fit.intercept[0]:.2f}"
                 ax.plot(x_line, fit.slope[0] * x_line + fit.intercept[0], "--", color=colour)
-            ax.plot([], [], "o--", color=colour, label=label)
+            if members:
+                ax.plot([], [], "o--", color=colour, label=label)
         ax.set(xlabel="ln(C − 1)", ylabel="s*", title=f"s* fitted on {SWEEP_METRICS[metric]}")
         ax.set_xlim(0, x_max)
         ax.set_ylim(bottom=0)
