@@ -294,8 +294,10 @@ class FaceRecognitionModule(L.LightningModule):
             if name in checkpoint:
                 state = checkpoint[name]
                 backbone = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-                rest = {key: value for key, value in state.items() if not key.startswith(prefix)}
-                checkpoint[name] = {**{prefix + key: value for key, value in convert(name, backbone).items()}, **rest}
+                converted = convert(name, backbone)
+                if converted is not backbone:  # the plain form is the trained one for every mode but LoRA: left as it was
+                    rest = {key: value for key, value in state.items() if not key.startswith(prefix)}
+                    checkpoint[name] = {**{prefix + key: value for key, value in converted.items()}, **rest}
 
     def _save_plain_backbone(self, checkpoint: dict) -> None:
         """The checkpoint's module states get the plain backbone; what resuming needs beyond it goes to
