@@ -114,7 +114,7 @@ class LinearProbe(FineTuning):
         self.train_embedding_layer = bool(train_embedding_layer)
 
     def prepare(self, backbone: nn.Module) -> nn.Module:
-        tops = list(dict.fromkeys(name.split(".")[0] for name, _ in backbone.named_parameters()))
+        tops = top_level_names(backbone)
         kept = tuple(getattr(backbone, "embedding_layer", ())) if self.train_embedding_layer else ()
         if self.train_embedding_layer and not set(kept) & set(tops):
             raise ValueError(
@@ -166,7 +166,7 @@ class LoRA(FineTuning):
         # the default as one regular expression of the exact names: a list would also match any module
         # whose name ends in one of them (MobileFaceNet's `layers.0` is a block and a convolution)
         targets = "|".join(map(re.escape, adaptable)) if self.target_modules is None else self.target_modules
-        freeze(backbone, list(dict.fromkeys(name.split(".")[0] for name, _ in backbone.named_parameters())), "finetune=lora")
+        freeze(backbone, top_level_names(backbone), "finetune=lora")
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, bias="none")
         try:
             adapted = LoraModel(backbone, config, "default")
@@ -214,10 +214,9 @@ def freeze(backbone: nn.Module, prefixes: str | Sequence[str], key: str) -> list
     names = [name for name, _ in backbone.named_parameters()]
     unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
     if unmatched:
-        tops = dict.fromkeys(name.split(".")[0] for name in names)  # in the backbone's order
         raise ValueError(
             f"{key}={list(prefixes)}: no parameter name of the backbone {type(backbone).__name__} starts with "
-            f"{', '.join(map(repr, unmatched))}; its parameters are named {', '.join(tops)}.<...> (backbone.named_parameters())"
+            f"{', '.join(map(repr, unmatched))}; its parameters are named {', '.join(top_level_names(backbone))}.<...> (backbone.named_parameters())"
         )
     frozen = [name for name in names if name.startswith(prefixes)]
     for name in frozen:
@@ -234,6 +233,11 @@ def freeze(backbone: nn.Module, prefixes: str | Sequence[str], key: str) -> list
     if batchnorms:
         backbone.register_forward_pre_hook(partial(keep_in_eval_mode, batchnorms))
     return frozen
+
+
+def top_level_names(backbone: nn.Module) -> list[str]:
+    """The first parts of the backbone's parameter names, in its order (IResNet: conv1, bn1, layer1, ...)."""
+    return list(dict.fromkeys(name.split(".")[0] for name, _ in backbone.named_parameters()))
 
 
 def keep_in_eval_mode(names: list[str], backbone: nn.Module, args) -> None:

@@ -184,8 +184,9 @@ class FaceRecognitionModule(L.LightningModule):
         return self.finetuning.param_groups(list(self.backbone.parameters()), [p for p in self.parameters() if id(p) not in backbone])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([{k: v for k, v in group.items() if k != "lr_scale"} for group in self._parameter_groups()])
-        for group, wanted in zip(optimizer.param_groups, self._parameter_groups()):
+        groups = self._parameter_groups()
+        optimizer = self.optimizer_factory([{k: v for k, v in group.items() if k != "lr_scale"} for group in groups])
+        for group, wanted in zip(optimizer.param_groups, groups):
             group["lr"] *= wanted["lr_scale"]
         if self.scheduler_factory is None:
             return optimizer
@@ -238,17 +239,15 @@ class FaceRecognitionModule(L.LightningModule):
         for name, metric in self.val_metrics.items():
             evaluations[name] = metric.compute()  # gathers every rank's embeddings first
             metric.reset()
-            for key, value in {**evaluations[name].summary(), **evaluations[name].bounds()}.items():
+            summary = evaluations[name].summary()
+            for key, value in {**summary, **evaluations[name].bounds()}.items():
                 # equal on every rank (the metric gathered all images); sync_dist only states it
                 self.log(f"val/{name}/{key}", value, add_dataloader_idx=False, sync_dist=True)
+            if "accuracy" in summary:
+                self.val_history.append([self.global_step, name, summary["accuracy"]])
         accuracy_mean = mean_accuracy(evaluations)
         if accuracy_mean is not None:
             self.log("val/accuracy_mean", accuracy_mean, prog_bar=True, add_dataloader_idx=False, sync_dist=True)
-        self.val_history += [
-            [self.global_step, name, evaluation.summary()["accuracy"]]
-            for name, evaluation in evaluations.items()
-            if "accuracy" in evaluation.summary()
-        ]
         if evaluations and self.trainer.is_global_zero:
             log_to_wandb(self.loggers, evaluations, self.global_step, history=self.val_history)  # tables, ROC, CMC, accuracy per set
             if self.val_scores_path is not None:  # the last validation's scored items: facerec.tools.compare pairs runs on them
