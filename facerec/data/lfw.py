@@ -152,7 +152,8 @@ def people_present(root: str | Path, identities: str | Path) -> list[str]:
     names = read_identity_list(identities)
     present = [name for name in names if (Path(root) / name).is_dir()]
     if len(present) < len(names):
-        absent = [name for name in names if name not in set(present)]
+        kept = set(present)
+        absent = [name for name in names if name not in kept]
         log.warning("%s: %d listed people have no folder under %s and are left out: %s", identities, len(absent), root, absent[:10])
     return present
 
