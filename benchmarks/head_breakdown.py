@@ -27,14 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from facerec.heads import CosFace, CurricularFace, DynamicScale, FixedScale, MarginHead, SubCenterArcFace
+from facerec.heads import CosFace, CurricularFace, DynamicScale, FixedScale, MarginHead, SphereFace2, SubCenterArcFace, UniFace
 
 S = 64.0
+SPHEREFACE2_R = 40.0  # SphereFace2's published scale r
 HEADS = {
     "cosface": lambda d, c: MarginHead(d, c, CosFace(), FixedScale(S)),
     "cosface + dynamic": lambda d, c: MarginHead(d, c, CosFace(), DynamicScale()),
     "curricularface": lambda d, c: MarginHead(d, c, CurricularFace(), FixedScale(S)),
     "subcenter arcface (K=3)": lambda d, c: MarginHead(d, c, SubCenterArcFace(), FixedScale(S)),
+    "sphereface2 (C)": lambda d, c: MarginHead(d, c, SphereFace2(), FixedScale(SPHEREFACE2_R)),
+    "uniface (UCE-m)": lambda d, c: MarginHead(d, c, UniFace(), FixedScale(S)),
 }
 # (function of facerec/heads, aten op or None for any) -> stage; the first match wins
 STAGES = [
@@ -49,6 +52,7 @@ STAGES = [
     (("nontarget_logits", None), "margin: non-target re-weighting"),
     (("margin_logits", None), "margin + scale + exp pass"),
     (("exp_margin_logits_", None), "margin + scale + exp pass"),
+    (("negative_terms_", None), "sigmoid heads: logits, softplus, sigmoid pass"),
     (("closest_centres_", None), "closest of K centres"),
     (("backward", None), "logit gradient pass"),
     (("step", None), "scale policy (s)"),

@@ -76,14 +76,16 @@ def test_heads_benchmark_marks_ratios_measured_under_load():
 
 
 def test_breakdown_charges_the_step_to_its_stages():
-    out = run_script(["benchmarks/head_breakdown.py", *TINY, "--steps", "1", "--heads", "cosface", "subcenter arcface (K=3)"]).stdout
-    # stage -> cells of the columns: baseline, cosface, subcenter ("-": no op of that module there)
+    out = run_script(["benchmarks/head_breakdown.py", *TINY, "--steps", "1", "--heads", "cosface", "subcenter arcface (K=3)", "uniface (UCE-m)"]).stdout
+    # stage -> cells of the columns: baseline, cosface, subcenter, uniface ("-": no op of that module there)
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| "))}
     for stage in ["cosine matmul x W^T", "backward matmuls (grad x, grad W)", "radial projection of grad W",
                   "row norms of W", "margin + scale + exp pass", "logit gradient pass", "closest of K centres",
                   "log-softmax + NLL forward", "**step, without the profiler**"]:
         assert stage in rows, out
     assert rows["radial projection of grad W"][0] == "-" and "-" not in rows["radial projection of grad W"][1:]
-    assert rows["log-softmax + NLL forward"][0] != "-" and rows["log-softmax + NLL forward"][1:] == ["-", "-"]
-    assert rows["closest of K centres"][:2] == ["-", "-"] and rows["closest of K centres"][2] != "-"
+    assert rows["log-softmax + NLL forward"][0] != "-" and rows["log-softmax + NLL forward"][1:] == ["-", "-", "-"]
+    assert rows["closest of K centres"] == ["-", "-", rows["closest of K centres"][2], "-"] and rows["closest of K centres"][2] != "-"
+    assert rows["sigmoid heads: logits, softplus, sigmoid pass"] == ["-", "-", "-", rows["sigmoid heads: logits, softplus, sigmoid pass"][3]]
+    assert rows["sigmoid heads: logits, softplus, sigmoid pass"][3] != "-" and rows["margin + scale + exp pass"][3] == "-"
     assert rows["backward matmuls (grad x, grad W)"].count("-") == 0

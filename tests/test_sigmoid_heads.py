@@ -28,6 +28,7 @@ from facerec.heads import (
     SphereFace2,
     UniFace,
 )
+from facerec.heads.binary_loss import EXP_LIMIT
 from facerec.heads.blocks import row_block
 
 EXACT = {"rtol": 1e-10, "atol": 1e-12}  # float64 on both sides: only the order of operations differs
@@ -514,3 +515,28 @@ def test_large_logits_keep_float64_precision():
     assert abs(loss.item() - exact.item()) < 1e-11  # absolute: e^-20 per large logit would show
     expected_bias = -(torch.sigmoid(z) - F.one_hot(labels, 6)).sum() / len(labels)
     torch.testing.assert_close(grad_bias, expected_bias, **EXACT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_beyond_exp_overflow_keep_a_finite_exact_loss(dtype):
+    """The negative side's softplus and sigmoid come from one exp(z), which overflows above ~88
+    (float32) or ~709 (float64): logits past the clamp (EXP_LIMIT) still give softplus(z) = z and
+    sigmoid(z) = 1, and the loss and bias gradient equal the exact ones."""
+    torch.manual_seed(6)
+    limit = EXP_LIMIT[dtype]
+    head = make_head("uce-m", 8, 6, dtype)
+    with torch.no_grad():
+        head.margin.bias.fill_(-(limit - 10))  # negative logits s cos - b straddle the limit near another class
+    labels = torch.tensor([0, 1, 2, 3])
+    weight = head.centres.weight.detach()
+    x = F.normalize(weight[[1, 2, 3, 4]] + 0.3 * torch.randn(4, 8, dtype=dtype)) * 4
+    z = reference_logits(head.margin, x.double(), weight.double(), head.margin.bias.detach().double(), labels, head.scale.value)
+    negatives = z[~F.one_hot(labels, 6).bool()]
+    assert (negatives > limit + 10).any() and (negatives < limit).any()  # past exp overflow
+    exact = torch.logaddexp(torch.where(F.one_hot(labels, 6).bool(), -z, z), torch.zeros((), dtype=torch.float64)).sum(dim=1).mean()
+    loss, (grad_x, grad_weight, grad_bias) = facerec_loss_and_grads(head, x, labels)
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_weight).all()
+    rtol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(loss.double(), exact, rtol=rtol, atol=0)
+    expected_bias = -(torch.sigmoid(z) - F.one_hot(labels, 6)).sum() / len(labels)
+    torch.testing.assert_close(grad_bias.double(), expected_bias, rtol=rtol, atol=rtol)

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 class BinaryMargin(Margin):
     """The contract of a sigmoid head's margin: `target_logit` is f+ (the own class), `negative_logits`
-    f- (the others: a shift of cos theta whose slope the gradient takes as 1), `positive_weight` and
+    the other classes' logits s f- - b (f- a shift of cos theta whose slope the gradient takes as 1;
+    the margin applies s and b itself, so it can fold its own constants into that pass), `positive_weight` and
     `negative_weight` the two sides' weights, `loss_factor(s)` the loss's overall factor, and
     `initial_bias(num_classes, s)` the b it starts from."""
 
@@ -49,8 +50,9 @@ class BinaryMargin(Margin):
         super().__init__(**parameters)
         self.bias = nn.Parameter(torch.zeros(()))
 
-    def negative_logits(self, cos: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """f-(cos) for the other classes, into `out` (the loss passes `cos` itself) or a new tensor."""
+    def negative_logits(self, cos: torch.Tensor, s: float, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """z = s f-(cos) - b for the other classes, into `out` (the loss passes `cos` itself, one block
+        of its buffer) or a new tensor. f- must increase with cos (the loss bounds z by f-(1))."""
         raise NotImplementedError
 
     def loss_factor(self, s: float) -> float:
@@ -68,9 +70,8 @@ class BinaryMargin(Margin):
 
     def logits(self, cos: torch.Tensor, column: torch.Tensor, per_sample: torch.Tensor | None, s: float) -> torch.Tensor:
         """(B, C) binary logits z = s f(cos) - b (f+ on the target column, f- elsewhere)."""
-        target = self.target_logit(cos.gather(1, column).squeeze(1))
-        logits = self.negative_logits(cos).scatter(1, column, target.unsqueeze(1))
-        return logits * s - self.bias
+        target = self.target_logit(cos.gather(1, column).squeeze(1)) * s - self.bias
+        return self.negative_logits(cos, s, self.bias).scatter(1, column, target.unsqueeze(1))
 
 
 def similarity_adjustment(cos: torch.Tensor, t: float) -> torch.Tensor:
@@ -110,12 +111,13 @@ class SphereFace2(BinaryMargin):
             shift = shifted - cos_target
         return cos_target + shift
 
-    def negative_logits(self, cos: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def negative_logits(self, cos: torch.Tensor, s: float, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         m = self.m if self.margin_type == "C" else 0.0
         if out is None:
-            return cos + (similarity_adjustment(cos.detach(), self.t) + m - cos.detach())
-        # in place: g(cos) + m, one block of the loss's buffer
-        return out.add_(1).mul_(0.5).pow_(self.t).mul_(2).sub_(1 - m)
+            return (cos + (similarity_adjustment(cos.detach(), self.t) + m - cos.detach())) * s - bias
+        # in place, one block of the loss's buffer, in two passes and the scale's:
+        # s (g(cos) + m) - b = s 2^(1 - t) (cos + 1)^t - (b + s (1 - m))
+        return torch.add(-(bias + s * (1 - m)), out.add_(1).pow_(self.t), alpha=s * 2 ** (1 - self.t), out=out)
 
     def loss_factor(self, s: float) -> float:
         return self.lw / s
@@ -153,8 +155,8 @@ class UniFace(BinaryMargin):
     def target_logit(self, cos_target: torch.Tensor, per_sample: torch.Tensor | None = None) -> torch.Tensor:
         return cos_target - self.m
 
-    def negative_logits(self, cos: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return cos if out is not None else cos.clone()
+    def negative_logits(self, cos: torch.Tensor, s: float, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.add(-bias, cos, alpha=s, out=out)
 
     def initial_bias(self, num_classes: int, s: float) -> float:
         return math.log(10 * self.r * num_classes)

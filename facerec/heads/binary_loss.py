@@ -15,8 +15,10 @@ only the per-sample sums of the negative terms.
 
 The pass structure is the softmax loss's (loss.py): one (N, m) buffer holds the cosines, then in
 forward (one pass in cache-sized row blocks) the logits, their softplus summed per row, and the
-sigmoids; backward turns the sigmoids into the logits' gradient in place and reuses loss.py's
-matrix products. The negative side's adjustment of the cosine is a shift the gradient does not see
+sigmoids, both from one exponential; backward turns the sigmoids into the logits' gradient in place
+(summing them per row for the bias in the same pass) and reuses loss.py's matrix products. The
+sample's own column is not a negative term: its entry is taken out of the row sums afterwards, on
+(N,) vectors, and overwritten with the positive side's gradient by one scatter. The negative side's adjustment of the cosine is a shift the gradient does not see
 (as both published heads define it: its slope in cos theta is 1); the positive side's slope comes
 from autograd on (N,) vectors, as for the softmax margins.
 
@@ -38,6 +40,9 @@ from facerec.heads.loss import Workspace, batch_statistics, centre_cosines, cosi
 # softplus(x) is taken as x above this (torch's default, 20, leaves an error of e^-20 ~ 2e-9, seen
 # by float64 parity checks; e^-50 is below float64's precision at 50)
 SOFTPLUS_LINEAR = 50.0
+# the negative logits' clamp before exp: e^limit and 1 + e^limit are finite, and softplus(limit) =
+# limit + e^-limit equals the limit to the dtype's precision (the loss runs in float32 or float64)
+EXP_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
 if TYPE_CHECKING:
     from facerec.heads.binary import BinaryMargin
@@ -45,29 +50,47 @@ if TYPE_CHECKING:
     from facerec.heads.scale import ScalePolicy
 
 
+def row_sums(block: torch.Tensor, column_weights: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """sum_j c_j block_ij into `out` (n,): a matrix-vector product with the column weights, or a plain
+    row sum where there are none."""
+    if column_weights is None:
+        return torch.sum(block, dim=1, out=out)
+    return torch.mv(block, column_weights, out=out)
+
+
 def negative_terms_(
     cos: torch.Tensor,
-    column: torch.Tensor,
-    held: torch.Tensor,
     s: float | torch.Tensor,
     bias: torch.Tensor,
     margin: BinaryMargin,
     column_weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """The forward's one pass over its (N, m) buffer, in row blocks that stay in cache: cosines ->
-    negative-side logits s f-(cos) - b -> their sigmoids, in place. Returns the rows' sums (N,) of
-    c_j softplus(z_ij) over the other classes among these columns (the own column left out where
-    this process holds it)."""
+    negative-side logits z = s f-(cos) - b -> their sigmoids, in place. Returns the rows' sums (N,) of
+    c_j softplus(z_ij) over every column (the own class's included: the caller removes it).
+
+    Both come from one exponential e = exp(z): softplus(z) = log1p(e) and sigmoid(z) = e / (1 + e)
+    (torch's softplus and sigmoid take one each, and a softplus read back from the sigmoid loses the
+    loss where sigmoid(z) rounds to 1). exp overflows above ~88 (float32), so z is clamped at
+    EXP_LIMIT and the part above it added back (softplus(z) = z there, to the dtype's precision; the
+    sigmoid is 1 either way). On the CPU the clamp is skipped, two passes fewer, when no logit can
+    reach the limit: z <= s f-(1) - b, f- being increasing. Elsewhere it always runs, as the check
+    would read b from the device every step."""
+    limit = EXP_LIMIT[cos.dtype]
+    clamp = cos.device.type != "cpu" or float(margin.negative_logits(cos.new_ones(1), s, bias)) > limit
     rows = pass_block(*cos.shape, cos.device)
-    sums = []
-    for c, col, h in zip(cos.split(rows), column.split(rows), held.split(rows)):
-        torch.add(-bias, margin.negative_logits(c, out=c), alpha=s, out=c)  # s f- - b in one pass
-        terms = F.softplus(c, threshold=SOFTPLUS_LINEAR)
-        if column_weights is not None:
-            terms.mul_(column_weights)
-        sums.append(terms.sum(dim=1) - terms.gather(1, col).squeeze(1) * h)
-        c.sigmoid_()
-    return torch.cat(sums)
+    sums = cos.new_empty(len(cos))
+    for c, out in zip(cos.split(rows), sums.split(rows)):
+        margin.negative_logits(c, s, bias, out=c)
+        if clamp:
+            beyond = row_sums((c - limit).clamp_(min=0), column_weights, torch.empty_like(out))
+            c.clamp_(max=limit)
+        e = torch.exp(c)
+        torch.div(e, e + 1, out=c)
+        row_sums(e.log1p_(), column_weights, out)
+        if clamp:
+            out += beyond
+    return sums
 
 
 class OneVsAllLoss(torch.autograd.Function):
@@ -86,14 +109,20 @@ class OneVsAllLoss(torch.autograd.Function):
         cos = buffer[0]
         held = labels >= 0
         column = labels.clamp(min=0).unsqueeze(1)
-        target = centres.reduce_over_shards(cos.gather(1, column).squeeze(1) * held)
+        local_target = cos.gather(1, column).squeeze(1)
+        target = centres.reduce_over_shards(local_target * held)
         positive, positive_slope, _ = target_logit_and_slopes(margin, target, None, False)
         s = scale.step(cos, labels, target, centres)
         if statistics is not None:
             nearest_other, angle_sum = nontarget_angles(cos, column, held)
         b = bias.detach().to(x_hat.dtype)
         column_weights = centres.column_weights()
-        negative_sums = centres.reduce_over_shards(negative_terms_(cos, column, held, s, b, margin, column_weights))
+        # the own class's entry of the negative side (where this process holds it) is not a term:
+        # its softplus is taken out of the row sums, its sigmoid out of backward's
+        own_weight = held.to(x_hat.dtype) if column_weights is None else held * column_weights[column.squeeze(1)]
+        own_negative_z = margin.negative_logits(local_target, s, b)
+        own_terms = F.softplus(own_negative_z, threshold=SOFTPLUS_LINEAR) * own_weight
+        negative_sums = centres.reduce_over_shards(negative_terms_(cos, s, b, margin, column_weights) - own_terms)
         z_positive = s * positive - b
         factor = margin.loss_factor(s)
         per_sample = margin.positive_weight * F.softplus(-z_positive, threshold=SOFTPLUS_LINEAR) + margin.negative_weight * negative_sums
@@ -102,35 +131,36 @@ class OneVsAllLoss(torch.autograd.Function):
             statistics.update(batch_statistics(centres, target, log_p_target, nearest_other, angle_sum, cos.shape[1], s))
             statistics["bias"] = b.clone()
             statistics["threshold"] = b / s  # the value of f at which P = 1/2
-        ctx.save_for_backward(x_hat, weight, norms, buffer, column, held, torch.sigmoid(z_positive), positive_slope, column_weights)
+        own_sigmoids = torch.sigmoid(own_negative_z) * own_weight
+        ctx.save_for_backward(x_hat, weight, norms, buffer, column, held, torch.sigmoid(z_positive), positive_slope, column_weights, own_sigmoids)
         ctx.s, ctx.factor, ctx.margin, ctx.centres, ctx.workspace = s, factor, margin, centres, workspace
         return factor * per_sample.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
-        x_hat, weight, norms, buffer, column, held, p_positive, positive_slope, column_weights = ctx.saved_tensors
+        x_hat, weight, norms, buffer, column, held, p_positive, positive_slope, column_weights, own_sigmoids = ctx.saved_tensors
         margin, s = ctx.margin, ctx.s
         unit = grad_loss * ctx.factor / len(x_hat)  # dL/d(softplus term) for one sample
         # dL/dz: w- c_j sigmoid(z_ij) on the negatives, w+ (sigmoid(z_iy) - 1) on the own class
         negative_scale = unit * margin.negative_weight
         grad_positive_z = unit * margin.positive_weight * (p_positive - 1)
         sigmoids = buffer[0]
-        # per column: c_j, and the factor that turns sigmoid_ij into dL/dcos_ij divided by |w_j|
-        # (s dL/dz: the negative side's slope is 1), so one pass does both
-        weights = column_weights if column_weights is not None else torch.ones_like(norms)
-        column_factor = weights * (negative_scale * s) / norms
+        # per column: the factor that turns sigmoid_ij into dL/dcos_ij divided by |w_j| (s dL/dz: the
+        # negative side's slope is 1), applied in the pass that also sums c_j sigmoid_ij for the bias
+        column_factor = (negative_scale * s) / norms
+        if column_weights is not None:
+            column_factor = column_factor * column_weights
         rows = pass_block(*sigmoids.shape, sigmoids.device)
-        negative_sum = torch.zeros((), dtype=sigmoids.dtype, device=sigmoids.device)
-        for g, col, h, gz, slope in zip(
-            sigmoids.split(rows), column.split(rows), held.split(rows), grad_positive_z.split(rows), positive_slope.split(rows)
-        ):
-            own = g.gather(1, col).squeeze(1) * h  # sigmoid(z) of the own class's negative-side logit: not a term
-            negative_sum += (torch.mv(g, weights) - own).sum()
+        sigmoid_sums = sigmoids.new_empty(len(sigmoids))
+        for g, out in zip(sigmoids.split(rows), sigmoid_sums.split(rows)):
+            row_sums(g, column_weights, out)
             g.mul_(column_factor)
-            # the own class: s f+' dL/dz, over |w|
-            g.scatter_(1, col, torch.where(h, gz * slope * s / norms[col.squeeze(1)], g.gather(1, col).squeeze(1)).unsqueeze(1))
+        # the own class: s f+' dL/dz, over |w|
+        own = torch.where(held, grad_positive_z * positive_slope * s / norms[column.squeeze(1)], sigmoids.gather(1, column).squeeze(1))
+        sigmoids.scatter_(1, column, own.unsqueeze(1))
         # dL/db = -sum dL/dz: the negatives of every shard, the positives (the same on every rank)
+        negative_sum = sigmoid_sums.sum() - own_sigmoids.sum()
         grad_bias = -(ctx.centres.reduce_over_shards(negative_sum * negative_scale) + grad_positive_z.sum())
         grad_x_hat, grad_weight = cosine_grads(buffer, x_hat, weight, norms)
         ctx.workspace.give("cosines", buffer)
