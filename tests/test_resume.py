@@ -2,10 +2,12 @@
 an uninterrupted run ends (weights bitwise, logged metrics identical)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fault_injection import signal_at
 from conftest import TINY_RUN, read_metrics, run_script
@@ -93,3 +95,23 @@ def test_flips_follow_the_sample_key_in_any_process(tmp_path):
         return [images for images, _ in loader]
 
     assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2)))
+
+
+def test_a_finished_run_continued_past_its_end_holds_the_tail_lr(tmp_path):
+    """The convergence tail check: a copy of a finished run, resumed with more steps and
+    optim.scheduler.tail_lr_ratio, keeps its logged history, does not re-run a step, and trains on at
+    tail_lr_ratio x the base LR from its first new step."""
+    overrides = [*TINY_RUN, "trainer.max_epochs=2", "logger=csv"]
+    run, tail = tmp_path / "run", tmp_path / "tail"
+    run_script(["train.py", *overrides, f"hydra.run.dir={run}"])
+    shutil.copytree(run, tail)
+    out = run_script(["train.py", *overrides, "trainer.max_epochs=3", "optim.scheduler.tail_lr_ratio=0.25", f"ckpt_path={tail}/checkpoints/last.ckpt"])
+    assert f"output: {tail}" in out.stdout
+    base_lr = OmegaConf.load(run / ".hydra" / "config.yaml").optim.optimizer.lr
+    before = [(row["step"], row["train/lr"]) for row in read_metrics(run) if row.get("train/lr")]
+    after = [(row["step"], row["train/lr"]) for row in read_metrics(tail) if row.get("train/lr")]
+    assert [step for step, _ in before] == [str(step) for step in range(20)]
+    assert after[:20] == before and [step for step, _ in after[20:]] == [str(step) for step in range(20, 30)]
+    assert all(float(lr) == pytest.approx(0.25 * base_lr) for _, lr in after[20:])
+    assert torch.load(tail / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20  # the original is untouched

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup, then cosine or polynomial decay, stepped per batch."""
+"""Learning-rate schedules: linear warmup, then cosine or polynomial decay, stepped per batch; past
+the planned end (a finished run continued with a larger trainer.max_steps), an optional constant tail."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ class WarmupDecay:
     """LR multiplier at an optimizer step. A plain object (not a closure) so that
     LambdaLR saves and restores its fields in checkpoints."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, decay: str, power: float, min_lr_ratio: float):
+    def __init__(self, total_steps: int, warmup_steps: int, decay: str, power: float, min_lr_ratio: float, tail_lr_ratio: float | None = None):
         if decay not in DECAYS:
             raise ValueError(f"optim.scheduler.decay must be one of {DECAYS}, got {decay!r}")
         if total_steps < 1:
@@ -23,8 +24,13 @@ class WarmupDecay:
         self.decay = decay
         self.power = float(power)
         self.min_lr_ratio = float(min_lr_ratio)
+        if tail_lr_ratio is not None and not tail_lr_ratio >= 0:
+            raise ValueError(f"optim.scheduler.tail_lr_ratio must be >= 0 (or null), got {tail_lr_ratio}")
+        self.tail_lr_ratio = None if tail_lr_ratio is None else float(tail_lr_ratio)
 
     def __call__(self, step: int) -> float:
+        if step >= self.total_steps and self.tail_lr_ratio is not None:
+            return self.tail_lr_ratio
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if self.decay == "constant":
@@ -37,6 +43,24 @@ class WarmupDecay:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
 
+class WarmupDecayLR(LambdaLR):
+    """LambdaLR over a WarmupDecay. A checkpoint restores the schedule's length and shape (an exact
+    resume needs the planned total, not the continuing run's), but not its tail: that is the
+    continuing run's setting, so a finished run can be continued past its end at a constant LR."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        schedule = self.lr_lambdas[0]
+        tail = schedule.tail_lr_ratio
+        super().load_state_dict(state_dict)
+        schedule.tail_lr_ratio = tail
+        if tail is not None and self.last_epoch >= schedule.total_steps:
+            # the restored optimizer holds the LR the finished schedule set for this step (its end
+            # value): the continuation's first step already runs at the tail
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base_lr * tail
+            self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 def warmup_decay(
     optimizer: Optimizer,
     total_steps: int,
@@ -44,9 +68,11 @@ def warmup_decay(
     decay: str = "cosine",
     power: float = 2.0,
     min_lr_ratio: float = 0.0,
+    tail_lr_ratio: float | None = None,
 ) -> LambdaLR:
-    """LambdaLR over `total_steps` optimizer steps: warmup for a fraction of them, then decay."""
+    """LambdaLR over `total_steps` optimizer steps: warmup for a fraction of them, then decay; past
+    them, `tail_lr_ratio` x the base LR (None: the decay's last value, min_lr_ratio for cosine/poly)."""
     if not 0 <= warmup_fraction < 1:
         raise ValueError(f"optim.scheduler.warmup_fraction must lie in [0, 1), got {warmup_fraction}")
     warmup_steps = round(warmup_fraction * total_steps)
-    return LambdaLR(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio))
+    return WarmupDecayLR(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio, tail_lr_ratio))
