@@ -63,3 +63,14 @@ def test_a_restored_schedule_keeps_its_length_and_takes_the_continuing_runs_tail
 def test_a_negative_tail_is_refused():
     with pytest.raises(ValueError, match="tail_lr_ratio must be >= 0"):
         warmup_decay(sgd(), 10, tail_lr_ratio=-0.1)
+
+
+def test_a_continued_run_resumed_without_its_tail_drops_to_the_floor_from_its_first_step():
+    scheduler = warmup_decay(sgd(), 10, warmup_fraction=0.2)
+    lrs_over(scheduler, 10)
+    state = {"optimizer": scheduler.optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    continued = restored(state, 12, tail_lr_ratio=0.25)
+    lrs_over(continued, 1)
+    state = {"optimizer": continued.optimizer.state_dict(), "scheduler": continued.state_dict()}
+    assert lrs_over(restored(state, 13), 2) == pytest.approx([0.0, 0.0])
+    assert lrs_over(restored(state, 13, tail_lr_ratio=0.5), 2) == pytest.approx([0.1, 0.1])

@@ -16,7 +16,8 @@ CVI-SZU/UniFace's `head.py`), and why:
   renormalised in place before each step: the centres' gradient is opensphere's projected onto the
   sphere; the component removed is the radial one its renormalisation discards.
 - UniFace clamps its logits to [-s, s] before the softplus, which zeroes their gradient outside;
-  here the softplus is evaluated stably without a clamp (equal inside, a gradient outside).
+  here the softplus keeps its value and gradient there (equal inside, a gradient outside; the loss's
+  own clamp at EXP_LIMIT, binary_loss.py, changes no value to the dtype's precision).
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ if TYPE_CHECKING:
 
 
 class BinaryMargin(Margin):
-    """The contract of a sigmoid head's margin: `target_logit` is f+ (the own class), `negative_logits`
-    the other classes' logits s f- - b (f- a shift of cos theta whose slope the gradient takes as 1;
-    the margin applies s and b itself, so it can fold its own constants into that pass), `positive_weight` and
+    """The contract of a sigmoid head's margin: `target_logit` is f+ (the own class),
+    `negative_logits` the other classes' logits s f- - b (f- a shift of cos theta whose slope the
+    gradient takes as 1; the margin applies s and b itself, so it can fold its own constants into
+    that pass), `positive_weight` and
     `negative_weight` the two sides' weights, `loss_factor(s)` the loss's overall factor, and
     `initial_bias(num_classes, s)` the b it starts from."""
 

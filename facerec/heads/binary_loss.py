@@ -18,9 +18,10 @@ forward (one pass in cache-sized row blocks) the logits, their softplus summed p
 sigmoids, both from one exponential; backward turns the sigmoids into the logits' gradient in place
 (summing them per row for the bias in the same pass) and reuses loss.py's matrix products. The
 sample's own column is not a negative term: its entry is taken out of the row sums afterwards, on
-(N,) vectors, and overwritten with the positive side's gradient by one scatter. The negative side's adjustment of the cosine is a shift the gradient does not see
-(as both published heads define it: its slope in cos theta is 1); the positive side's slope comes
-from autograd on (N,) vectors, as for the softmax margins.
+(N,) vectors, and overwritten with the positive side's gradient by one scatter. The negative side's
+adjustment of the cosine is a shift the gradient does not see (as both published heads define it:
+its slope in cos theta is 1); the positive side's slope comes from autograd on (N,) vectors, as for
+the softmax margins.
 
 The gradient of the bias is the sum of the logits' gradients with the sign flipped; under Partial FC
 its negative part is summed over the shards in backward, so every rank holds the same, full
@@ -37,8 +38,9 @@ from torch.autograd.function import once_differentiable
 from facerec.heads.blocks import pass_block
 from facerec.heads.loss import Workspace, batch_statistics, centre_cosines, cosine_grads, nontarget_angles, target_logit_and_slopes
 
-# softplus(x) is taken as x above this (torch's default, 20, leaves an error of e^-20 ~ 2e-9, seen
-# by float64 parity checks; e^-50 is below float64's precision at 50)
+# softplus(x) of the (N,) vectors (the positive side, the own column's correction) is taken as x
+# above this (torch's default, 20, leaves an error of e^-20 ~ 2e-9, seen by float64 parity checks;
+# e^-50 is below float64's precision at 50); the (N, m) buffer's softplus is log1p(exp), clamped below
 SOFTPLUS_LINEAR = 50.0
 # the negative logits' clamp before exp: e^limit and 1 + e^limit are finite, and softplus(limit) =
 # limit + e^-limit equals the limit to the dtype's precision (the loss runs in float32 or float64)
@@ -60,7 +62,7 @@ def row_sums(block: torch.Tensor, column_weights: torch.Tensor | None, out: torc
 
 def negative_terms_(
     cos: torch.Tensor,
-    s: float | torch.Tensor,
+    s: float,
     bias: torch.Tensor,
     margin: BinaryMargin,
     column_weights: torch.Tensor | None,
@@ -74,8 +76,9 @@ def negative_terms_(
     loss where sigmoid(z) rounds to 1). exp overflows above ~88 (float32), so z is clamped at
     EXP_LIMIT and the part above it added back (softplus(z) = z there, to the dtype's precision; the
     sigmoid is 1 either way). On the CPU the clamp is skipped, two passes fewer, when no logit can
-    reach the limit: z <= s f-(1) - b, f- being increasing. Elsewhere it always runs, as the check
-    would read b from the device every step."""
+    reach the limit: z <= s f-(1) - b, f- being increasing (three passes fewer: the excess, its row
+    sums, the clamp). Elsewhere it always runs, as the check would read b from the device every
+    step."""
     limit = EXP_LIMIT[cos.dtype]
     clamp = cos.device.type != "cpu" or float(margin.negative_logits(cos.new_ones(1), s, bias)) > limit
     rows = pass_block(*cos.shape, cos.device)
@@ -160,7 +163,7 @@ class OneVsAllLoss(torch.autograd.Function):
         own = torch.where(held, grad_positive_z * positive_slope * s / norms[column.squeeze(1)], sigmoids.gather(1, column).squeeze(1))
         sigmoids.scatter_(1, column, own.unsqueeze(1))
         # dL/db = -sum dL/dz: the negatives of every shard, the positives (the same on every rank)
-        negative_sum = sigmoid_sums.sum() - own_sigmoids.sum()
+        negative_sum = (sigmoid_sums - own_sigmoids).sum()  # row by row, as the forward's softplus sums
         grad_bias = -(ctx.centres.reduce_over_shards(negative_sum * negative_scale) + grad_positive_z.sum())
         grad_x_hat, grad_weight = cosine_grads(buffer, x_hat, weight, norms)
         ctx.workspace.give("cosines", buffer)

@@ -11,8 +11,8 @@ DECAYS = ("cosine", "poly", "constant")
 
 
 class WarmupDecay:
-    """LR multiplier at an optimizer step. A plain object (not a closure) so that
-    LambdaLR saves and restores its fields in checkpoints."""
+    """LR multiplier at an optimizer step. A plain object (not a closure) so that LambdaLR saves
+    and restores its fields in checkpoints (the tail aside: see WarmupDecayLR)."""
 
     def __init__(self, total_steps: int, warmup_steps: int, decay: str, power: float, min_lr_ratio: float, tail_lr_ratio: float | None = None):
         if decay not in DECAYS:
@@ -53,11 +53,11 @@ class WarmupDecayLR(LambdaLR):
         tail = schedule.tail_lr_ratio
         super().load_state_dict(state_dict)
         schedule.tail_lr_ratio = tail
-        if tail is not None and self.last_epoch >= schedule.total_steps:
-            # the restored optimizer holds the LR the finished schedule set for this step (its end
-            # value): the continuation's first step already runs at the tail
+        if self.last_epoch >= schedule.total_steps:
+            # past the planned end, the restored optimizer holds the LR the saved run set for this
+            # step (its floor, or its own tail): the continuation's first step already runs at its own
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"] = base_lr * tail
+                group["lr"] = base_lr * schedule(self.last_epoch)
             self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
@@ -69,7 +69,7 @@ def warmup_decay(
     power: float = 2.0,
     min_lr_ratio: float = 0.0,
     tail_lr_ratio: float | None = None,
-) -> LambdaLR:
+) -> WarmupDecayLR:
     """LambdaLR over `total_steps` optimizer steps: warmup for a fraction of them, then decay; past
     them, `tail_lr_ratio` x the base LR (None: the decay's last value, min_lr_ratio for cosine/poly)."""
     if not 0 <= warmup_fraction < 1:
