@@ -330,6 +330,38 @@ def test_s_sweep_cli_writes_two_figures_and_the_tables(tmp_path, capsys):
     assert "### Every point, and the plateau check" in (tmp_path / "out" / "s_star.md").read_text()
 
 
+def test_s_sweep_names_a_command_line_schedule_by_its_epochs(tmp_path):
+    """The same number of epochs at every C (steps grow with C): one family of curves, named by the
+    epochs (images seen / training images), whose line is fitted through every C; a run of another
+    length at the same C is a curve of its own."""
+    sweep = tmp_path / "epochs"
+    sweep.mkdir()
+    schedules = {30: [36], 300: [360, 720]}  # 19.2 epochs of batch 128 over 8 images per class; and 38.4 at C = 300
+    multirun = {"hydra": {"overrides": {"task": ["experiment=s_star"]},
+                          "sweeper": {"params": {"dataset.num_classes": "30,300", "trainer.max_steps": "36,360,720",
+                                                 "scale.factor": ",".join(f"{f:.4f}" for f in FACTORS)}}}}  # fmt: skip
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    number = 0
+    for c, lengths in schedules.items():
+        for steps in lengths:
+            for factor in FACTORS:
+                overrides = ["experiment=s_star", "head=normface", f"scale.factor={factor:.4f}", "seed=0",
+                             f"dataset.num_classes={c}", f"trainer.max_steps={steps}"]  # fmt: skip
+                run = sweep / str(number)
+                write_sweep_run(run, overrides, "normface", "relative", c, factor * auto_scale(c), true_peak("normface", c), steps=steps, val_every=steps // 10)
+                config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+                config["dataset"]["batch_size"] = 128
+                (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+                number += 1
+    curves, fits = s_sweep.load_sweep([sweep])
+    assert sorted(curve.name for curve in curves) == [
+        "synthetic_classes, C=30, normface, 19.2 epochs", "synthetic_classes, C=300, normface, 19.2 epochs",
+        "synthetic_classes, C=300, normface, 38.4 epochs",
+    ]  # fmt: skip
+    (fit,) = [fit for fit in fits if fit.metric == "auc" and fit.family == "synthetic_classes, normface, 19.2 epochs"]
+    assert fit.curves == 2 and fit.slope[0] == pytest.approx(TRUE_LINES["normface"][0], rel=1e-6)
+
+
 def test_s_sweep_needs_the_saved_config(tmp_path):
     grid, _ = write_s_sweep(tmp_path)
     (grid / "3" / ".hydra" / "config.yaml").unlink()

@@ -32,6 +32,9 @@ GRID_POLICIES = frozenset({"relative", "fixed", "fixed64"})  # scale= choices wh
 S_KEYS = frozenset({"scale", "scale.factor", "scale.value"})  # what varies along a curve
 CURVE_KEYS = frozenset({"dataset", "head", "dataset.num_classes"})  # in every curve's name already
 NOT_SETTINGS = frozenset({"experiment", "torch.num_threads", "callbacks.progress_bar.refresh_rate", "paths.data_dir"})
+# A schedule set on the command line names a curve by its epochs (images seen / training images), so
+# runs whose steps grow with C (the same number of epochs at every C) form one family of curves
+SCHEDULE_KEYS = frozenset({"trainer.max_steps", "trainer.val_check_interval"})
 THETA0 = math.pi / 4  # the formula's line: s = ln(C - 1) / cos 45 deg
 PLATEAU_WINDOW = 0.2  # plateau: over the last 20 % of the steps ...
 PLATEAU_RISE = 0.01  # ... held-out AUC and accuracy (means over seeds) rose by less than 1 pp
@@ -97,6 +100,17 @@ def _final_over_sets(run: Run, metric: str) -> tuple[float, float]:
     return float(np.mean(ends)), float(np.mean(rises))
 
 
+def _epochs(run: Run, config, train_images: int | None) -> str:
+    """"19.2 epochs" for a run whose trainer.max_steps was set on the command line: the training
+    images it saw (steps x batch x accumulation, one process) over the training set; "" otherwise."""
+    steps = run.overrides.get("trainer.max_steps")
+    batch = OmegaConf.select(config, "dataset.batch_size")
+    if steps is None or not train_images or not isinstance(batch, int):
+        return ""
+    accumulate = OmegaConf.select(config, "trainer.accumulate_grad_batches") or 1
+    return f"{int(steps) * batch * accumulate / train_images:.1f} epochs"
+
+
 def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     """Read a run's curve from its saved config (.hydra/config.yaml: C) and Hydra's choices
     (.hydra/hydra.yaml: dataset, head, scale), and its values, the training images among them
@@ -114,11 +128,9 @@ def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     per_class = OmegaConf.select(config, "dataset.train.images_per_class")  # runs from before train.py logged it
     train_images = int(logged) if not math.isnan(logged) else (int(per_class) * num_classes if per_class else None)
     auc, auc_rise = _final_over_sets(run, "auc")
-    extras = ",".join(
-        f"{key}={run.overrides[key]}"
-        for key in keys
-        if key in run.overrides and key not in S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS
-    )
+    schedule = _epochs(run, config, train_images) if "trainer.max_steps" in keys else ""
+    ignored = S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS | (SCHEDULE_KEYS if schedule else frozenset())
+    extras = ",".join([f"{key}={run.overrides[key]}" for key in keys if key in run.overrides and key not in ignored] + ([schedule] if schedule else []))
     values = {
         "auc": auc,
         "accuracy": run.final(DEFAULT_METRIC),
