@@ -40,9 +40,8 @@ class BinaryMargin(Margin):
     """The contract of a sigmoid head's margin: `target_logit` is f+ (the own class),
     `negative_logits` the other classes' logits s f- - b (f- a shift of cos theta whose slope the
     gradient takes as 1; the margin applies s and b itself, so it can fold its own constants into
-    that pass), `positive_weight` and
-    `negative_weight` the two sides' weights, `loss_factor(s)` the loss's overall factor, and
-    `initial_bias(num_classes, s)` the b it starts from."""
+    that pass), `positive_weight` and `negative_weight` the two sides' weights, `loss_factor(s)` the
+    loss's overall factor, and `initial_bias(num_classes, s)` the b it starts from."""
 
     has_partition_function = False
     positive_weight = 1.0

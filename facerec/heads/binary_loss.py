@@ -75,10 +75,9 @@ def negative_terms_(
     (torch's softplus and sigmoid take one each, and a softplus read back from the sigmoid loses the
     loss where sigmoid(z) rounds to 1). exp overflows above ~88 (float32), so z is clamped at
     EXP_LIMIT and the part above it added back (softplus(z) = z there, to the dtype's precision; the
-    sigmoid is 1 either way). On the CPU the clamp is skipped, two passes fewer, when no logit can
-    reach the limit: z <= s f-(1) - b, f- being increasing (three passes fewer: the excess, its row
-    sums, the clamp). Elsewhere it always runs, as the check would read b from the device every
-    step."""
+    sigmoid is 1 either way). On the CPU the clamp (three passes: the excess, its row sums, the
+    clamp) is skipped when no logit can reach the limit: z <= s f-(1) - b, f- being increasing.
+    Elsewhere it always runs, as the check would read b from the device every step."""
     limit = EXP_LIMIT[cos.dtype]
     clamp = cos.device.type != "cpu" or float(margin.negative_logits(cos.new_ones(1), s, bias)) > limit
     rows = pass_block(*cos.shape, cos.device)

@@ -130,7 +130,8 @@ def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     auc, auc_rise = _final_over_sets(run, "auc")
     schedule = _epochs(run, config, train_images) if "trainer.max_steps" in keys else ""
     ignored = S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS | (SCHEDULE_KEYS if schedule else frozenset())
-    extras = ",".join([f"{key}={run.overrides[key]}" for key in keys if key in run.overrides and key not in ignored] + ([schedule] if schedule else []))
+    settings = [f"{key}={run.overrides[key]}" for key in keys if key in run.overrides and key not in ignored]
+    extras = ",".join(settings + ([schedule] if schedule else []))
     values = {
         "auc": auc,
         "accuracy": run.final(DEFAULT_METRIC),
