@@ -36,7 +36,7 @@ NOT_SETTINGS = frozenset({"experiment", "torch.num_threads", "callbacks.progress
 # runs whose steps grow with C (the same number of epochs at every C) form one family of curves
 SCHEDULE_KEYS = frozenset({"trainer.max_steps", "trainer.val_check_interval"})
 THETA0 = math.pi / 4  # the formula's line: s = ln(C - 1) / cos 45 deg
-PLATEAU_WINDOW = 0.2  # plateau: over the last 20 % of the steps ...
+PLATEAU_WINDOW = 0.3  # plateau: over the last 30 % of the steps (the held-out curve issue 30 asks for) ...
 PLATEAU_RISE = 0.01  # ... held-out AUC and accuracy (means over seeds) rose by less than 1 pp
 FIT_HALF_WIDTH = 2  # s* is fitted to the best grid point and up to 2 neighbours on each side
 # The grid points within 1 pp of the best mean are not told apart from it: 1 pp is about the spread
@@ -332,6 +332,7 @@ class EarlierPoint:
     family: str
     num_classes: int
     peaks: dict[str, tuple[float, float, float, bool]]  # as SweepCurve.peaks
+    source: str  # the file name of the table it was read from
 
 
 EARLIER_COLUMNS = {"auc": "s* from AUC [95 %]", "accuracy": "s* from accuracy [95 %]"}
@@ -364,8 +365,29 @@ def read_earlier(path: Path) -> list[EarlierPoint]:
                 (float(match["s"]), float(match["low"]), float(match["high"]), match["edge"] is None) if match else (math.nan,) * 3 + (False,)
             )
         family = re.sub(r", C=\d{1,3}(?:,\d{3})*", "", cells["curve"])  # "C=1,000": the count's own commas
-        points.append(EarlierPoint(cells["curve"], family, int(cells["C"].replace(",", "")), peaks))
+        points.append(EarlierPoint(cells["curve"], family, int(cells["C"].replace(",", "")), peaks, Path(path).name))
     return points
+
+
+def earlier_points(paths: Sequence[Path], match: str | None = None) -> list[EarlierPoint]:
+    """The points of several earlier views, in order; with `match`, only the families it finds (re.search)."""
+    if match is not None and not paths:
+        raise ValueError(f"--earlier-match {match!r}: no --earlier table to match against")
+    points = [point for path in paths for point in read_earlier(path)]
+    if match is None:
+        return points
+    kept = [point for point in points if re.search(match, point.family)]
+    if not kept:
+        families = sorted({point.family for point in points})
+        raise ValueError(f"--earlier-match {match!r} finds none of the earlier families {families}")
+    return kept
+
+
+def earlier_table(points: Sequence[EarlierPoint]) -> str:
+    """Markdown: the earlier points a view draws, with the table each came from."""
+    header = ["curve", "C", "s* from AUC [95 %]", "s* from accuracy [95 %]", "from"]
+    rows = [[p.curve, f"{p.num_classes:,}", _interval(p.peaks["auc"]), _interval(p.peaks["accuracy"]), p.source] for p in points]
+    return "\n\n".join(["### Earlier points drawn (from their views' tables)", markdown(header, rows)])
 
 
 def _interval(peak: tuple[float, float, float, bool]) -> str:
@@ -554,7 +576,8 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
                     ax.vlines(x, low, high, color=colour, linewidth=1, alpha=0.6)
                     ax.plot(x, s, "D", color=colour, markerfacecolor=colour if bracketed else "none", alpha=0.6)
             if shown:
-                ax.plot([], [], "D", color=colour, alpha=0.6, label=f"{family}: s*, earlier runs (table)")
+                sources = ", ".join(dict.fromkeys(point.source for point, _ in shown))
+                ax.plot([], [], "D", color=colour, alpha=0.6, label=f"{family}: s*, earlier runs (table: {sources})")
             margin = [(math.log(c.num_classes - 1), p.s) for c in members for p in c.references if p.label == "auto_margin"]
             if margin:
                 ax.plot(*zip(*sorted(margin)), "s-.", color=colour, markerfacecolor="none", linewidth=1,
@@ -577,23 +600,26 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
     return figure
 
 
-def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Path | None = None) -> tuple[list[Path], str]:
+def s_sweep(
+    sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Sequence[Path] = (), earlier_match: str | None = None
+) -> tuple[list[Path], str]:
     """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the
-    tables. `earlier`: an earlier view's `<name>.md`, whose s*(C) points the fit figure draws as well."""
+    tables. `earlier`: earlier views' `<name>.md` files, whose s*(C) points (those of the families
+    `earlier_match` finds, where given) the fit figure draws and the tables list as well."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves, fits = load_sweep(sweep_dirs)
-    earlier_points = read_earlier(earlier) if earlier is not None else []
-    tables = s_sweep_tables(curves, fits)
+    drawn = earlier_points(earlier, earlier_match)
+    tables = s_sweep_tables(curves, fits) + ("\n\n" + earlier_table(drawn) if drawn else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # wrapped: a sweep run in parts has many dirs, and one long line would set the figure's width
     title = textwrap.fill(", ".join(dict.fromkeys(Path(d).name for d in sweep_dirs)), 120)
     paths = [out_dir / f"{name}_curves.png", out_dir / f"{name}_fit.png", out_dir / f"{name}.md"]
-    for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title, earlier_points), paths[1])):
+    for figure, path in ((plot_s_curves(curves, title), paths[0]), (plot_s_star(curves, fits, title, drawn), paths[1])):
         figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
@@ -602,7 +628,8 @@ def s_sweep(sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", ea
         f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
         f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
         "Lines are fitted to the bracketed s* only."
-        + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier view `{earlier}`." if earlier else "")
+        + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier views {', '.join(f'`{p}`' for p in earlier)}"
+           + (f" (the families matching `{earlier_match}`)" if earlier_match else "") + "; they are listed last." if drawn else "")
         + "\n\n" + tables + "\n"
     )
     return paths, tables
@@ -613,10 +640,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun directories of experiment=s_star (or single run dirs)")
     parser.add_argument("--out", type=Path, help="where to write the figures and the tables (default: the first dir)")
     parser.add_argument("--name", default="s_sweep", help="file name stem of the figures and tables (default: s_sweep)")
-    parser.add_argument("--earlier", type=Path, help="an earlier view's <name>.md: its s*(C) points are drawn beside the new ones")
+    parser.add_argument("--earlier", type=Path, action="append", default=[],
+                        help="an earlier view's <name>.md: its s*(C) points are drawn beside the new ones (repeatable)")
+    parser.add_argument("--earlier-match", help="draw only the earlier families this regular expression finds (re.search)")
     args = parser.parse_args(argv)
     try:
-        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier)
+        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier, args.earlier_match)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.s_sweep: {error}") from None
     print(tables)
