@@ -396,3 +396,38 @@ def test_an_earlier_views_points_are_read_from_its_table_and_drawn(tmp_path):
     (tmp_path / "bad.md").write_text("# no table\n")
     with pytest.raises(SystemExit, match=r"--earlier .*bad.md: no '### s\*\(C\)' table"):
         s_sweep.main([str(grid), "--out", str(tmp_path), "--earlier", str(tmp_path / "bad.md")])
+
+
+def add_a_second_set(sweep: Path, name: str, lower: float) -> None:
+    """Give every run of `sweep` a second validation set, scored `lower` below the first throughout."""
+    for metrics in sweep.glob("*/csv/metrics.csv"):
+        with open(metrics, newline="") as file:
+            rows = list(csv.DictReader(file))
+        renamed = {f"{VAL}/{m}": f"val/{name}/{m}" for m in ("accuracy", "auc", "tar@far=1e-02")}
+        for row in rows:
+            for key, second in renamed.items():
+                row[second] = f"{float(row[key]) - lower}" if row[key] else ""
+        with open(metrics, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=[*COLUMNS, *renamed.values()])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_s_sweep_scores_one_validation_set_where_asked(tmp_path):
+    grid, _ = write_s_sweep(tmp_path)
+    add_a_second_set(grid, "hard", 0.10)
+    default, _ = s_sweep.load_sweep([grid])
+    hard, _ = s_sweep.load_sweep([grid], val_set="hard")
+    first, _ = s_sweep.load_sweep([grid], val_set=VAL.split("/")[1])
+
+    def auc_at_auto(curves):
+        (curve,) = [c for c in curves if c.name == "synthetic_classes, C=300, normface"]
+        return curve.point_at_auto().mean_std("auc")[0], curve.peaks["auc"][0]
+
+    (auc_first, peak_first), (auc_hard, peak_hard) = auc_at_auto(first), auc_at_auto(hard)
+    assert auc_hard == pytest.approx(auc_first - 0.10) and peak_hard == pytest.approx(peak_first)
+    assert auc_at_auto(default)[0] == pytest.approx(auc_first - 0.05)  # the mean over both sets' AUC
+    s_sweep.main([str(grid), "--out", str(tmp_path), "--name", "hard", "--val-set", "hard"])
+    assert "on the held-out pairs of `hard`." in (tmp_path / "hard.md").read_text()
+    with pytest.raises(SystemExit, match=r"grid/\d+: no val/harder/accuracy in csv/metrics.csv \(the sets it validated on: \['hard', '"):
+        s_sweep.main([str(grid), "--out", str(tmp_path), "--val-set", "harder"])

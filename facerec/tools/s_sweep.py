@@ -89,10 +89,11 @@ def _train_rise(values: np.ndarray, window: float, tail: float = TRAIN_TAIL) -> 
     return float(values[-width:].mean() - values[cut - width : cut].mean())
 
 
-def _final_over_sets(run: Run, metric: str) -> tuple[float, float]:
-    """Mean over the validation sets of a metric's final value (auc, tar@far=1e-02), and of its rise
-    over the plateau window."""
-    keys = sorted(key for key in run.series if re.fullmatch(rf"val/[^/]+/{re.escape(metric)}", key))
+def _final_over_sets(run: Run, metric: str, val_set: str | None = None) -> tuple[float, float]:
+    """Mean over the validation sets (or of `val_set` alone) of a metric's final value (auc,
+    tar@far=1e-02), and of its rise over the plateau window."""
+    pattern = rf"val/{re.escape(val_set) if val_set else '[^/]+'}/{re.escape(metric)}"
+    keys = sorted(key for key in run.series if re.fullmatch(pattern, key))
     if not keys:
         return math.nan, math.nan
     ends = [run.final(key) for key in keys]
@@ -111,10 +112,11 @@ def _epochs(run: Run, config, train_images: int | None) -> str:
     return f"{int(steps) * batch * accumulate / train_images:.1f} epochs"
 
 
-def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
+def sweep_run(run: Run, keys: Sequence[str], val_set: str | None = None) -> SweepRun:
     """Read a run's curve from its saved config (.hydra/config.yaml: C) and Hydra's choices
     (.hydra/hydra.yaml: dataset, head, scale), and its values, the training images among them
-    (`data/train_images`, logged by train.py), from its CSV log."""
+    (`data/train_images`, logged by train.py), from its CSV log. The held-out values are means over
+    the run's validation sets, or those of `val_set` alone."""
     config_file, hydra_file = run.path / ".hydra" / "config.yaml", run.path / ".hydra" / "hydra.yaml"
     for file in (config_file, hydra_file):
         if not file.is_file():
@@ -127,22 +129,26 @@ def sweep_run(run: Run, keys: Sequence[str]) -> SweepRun:
     logged = run.final("data/train_images")
     per_class = OmegaConf.select(config, "dataset.train.images_per_class")  # runs from before train.py logged it
     train_images = int(logged) if not math.isnan(logged) else (int(per_class) * num_classes if per_class else None)
-    auc, auc_rise = _final_over_sets(run, "auc")
+    accuracy = f"val/{val_set}/accuracy" if val_set else DEFAULT_METRIC
+    if val_set and accuracy not in run.series:
+        logged = sorted({key.split("/")[1] for key in run.series if key.count("/") == 2 and key.startswith("val/")})
+        raise ValueError(f"{run.path}: no {accuracy} in csv/metrics.csv (the sets it validated on: {logged})")
+    auc, auc_rise = _final_over_sets(run, "auc", val_set)
     schedule = _epochs(run, config, train_images) if "trainer.max_steps" in keys else ""
     ignored = S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS | (SCHEDULE_KEYS if schedule else frozenset())
     settings = [f"{key}={run.overrides[key]}" for key in keys if key in run.overrides and key not in ignored]
     extras = ",".join(settings + ([schedule] if schedule else []))
     values = {
         "auc": auc,
-        "accuracy": run.final(DEFAULT_METRIC),
+        "accuracy": run.final(accuracy),
         # near the AUC's ceiling (large C on synthetic faces) the low-FAR end still separates the scales
-        "tar": _final_over_sets(run, f"tar@far={TAR_FAR}")[0],
+        "tar": _final_over_sets(run, f"tar@far={TAR_FAR}", val_set)[0],
         "top1": run.final("train/top1", TRAIN_TAIL),
         "theta_med": run.final("train/theta_med", TRAIN_TAIL),
         "p_target": run.final("train/p_target", TRAIN_TAIL),
         "grad_norm": median_grad_norm(run),
         "auc_rise": auc_rise,
-        "accuracy_rise": _rise_over_tail(*run.curve(DEFAULT_METRIC), PLATEAU_WINDOW),
+        "accuracy_rise": _rise_over_tail(*run.curve(accuracy), PLATEAU_WINDOW),
         "top1_rise": _train_rise(run.curve("train/top1")[1], PLATEAU_WINDOW),
     }
     return SweepRun(
@@ -311,12 +317,13 @@ def formula_lines(curves: Sequence[SweepCurve]) -> list[tuple[str, float, float]
     return lines
 
 
-def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0) -> tuple[list[SweepCurve], list[LineFit]]:
-    """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines."""
+def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = None) -> tuple[list[SweepCurve], list[LineFit]]:
+    """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines,
+    scored on the mean over each run's validation sets, or on `val_set` alone."""
     runs, keys = load_runs(sweep_dirs)
     curves: dict[str, list[SweepRun]] = {}
     for run in runs:
-        point = sweep_run(run, keys)
+        point = sweep_run(run, keys, val_set)
         curves.setdefault(point.curve, []).append(point)
     rng = np.random.default_rng(seed)
     ordered = sorted(curves.items(), key=lambda item: (item[1][0].family, item[1][0].num_classes))
@@ -601,17 +608,19 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
 
 
 def s_sweep(
-    sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Sequence[Path] = (), earlier_match: str | None = None
+    sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Sequence[Path] = (), earlier_match: str | None = None,
+    val_set: str | None = None,
 ) -> tuple[list[Path], str]:
     """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the
     tables. `earlier`: earlier views' `<name>.md` files, whose s*(C) points (those of the families
-    `earlier_match` finds, where given) the fit figure draws and the tables list as well."""
+    `earlier_match` finds, where given) the fit figure draws and the tables list as well. `val_set`:
+    score on that validation set alone (default: the mean over each run's sets)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves, fits = load_sweep(sweep_dirs)
+    curves, fits = load_sweep(sweep_dirs, val_set=val_set)
     drawn = earlier_points(earlier, earlier_match)
     tables = s_sweep_tables(curves, fits) + ("\n\n" + earlier_table(drawn) if drawn else "")
     out_dir = Path(out_dir)
@@ -624,8 +633,9 @@ def s_sweep(
         plt.close(figure)
     sources = ", ".join(f"`{d}`" for d in sweep_dirs)
     paths[2].write_text(
-        f"Runs: {sources}. Mean ± std over seeds; AUC and accuracy at the end of each run on the held-out pairs. "
-        f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
+        f"Runs: {sources}. Mean ± std over seeds; AUC and accuracy at the end of each run on the held-out pairs"
+        + (f" of `{val_set}`. " if val_set else " (the mean over its validation sets). ")
+        + f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
         f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
         "Lines are fitted to the bracketed s* only."
         + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier views {', '.join(f'`{p}`' for p in earlier)}"
@@ -643,9 +653,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--earlier", type=Path, action="append", default=[],
                         help="an earlier view's <name>.md: its s*(C) points are drawn beside the new ones (repeatable)")
     parser.add_argument("--earlier-match", help="draw only the earlier families this regular expression finds (re.search)")
+    parser.add_argument("--val-set", help="score on this validation set alone (default: the mean over each run's val_sets)")
     args = parser.parse_args(argv)
     try:
-        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier, args.earlier_match)
+        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier, args.earlier_match, args.val_set)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.s_sweep: {error}") from None
     print(tables)
