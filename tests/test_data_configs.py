@@ -45,6 +45,16 @@ def test_lfw_configs_work_out_of_the_box(shared_data, tmp_path):
         assert isinstance(pair_set, LfwPairs) and len(pair_set.issame) == pairs
 
 
+def test_the_hard_synthetic_set_is_the_held_out_set_under_more_nuisance(tmp_path):
+    cfg = compose_config(["experiment=s_star", "val_sets=[synthetic_heldout,synthetic_heldout_hard]"], tmp_path)
+    easy, hard = cfg.evalset.synthetic_heldout.pairs, cfg.evalset.synthetic_heldout_hard.pairs
+    assert (easy.difficulty, hard.difficulty, hard.name) == (cfg.dataset.train.difficulty, 1.5, "synthetic_heldout_hard")
+    assert {k: v for k, v in hard.items() if k not in ("difficulty", "name")} == {k: v for k, v in easy.items() if k != "difficulty"}
+    easy_pairs, hard_pairs = instantiate(easy), instantiate(hard)
+    assert (hard_pairs.pairs == easy_pairs.pairs).all() and (hard_pairs.issame == easy_pairs.issame).all()  # the same pairs
+    assert not hard_pairs.image(0).equal(easy_pairs.image(0))  # of the same identities, rendered with more nuisance
+
+
 @pytest.mark.parametrize(
     "option,num_classes,root",
     [
