@@ -360,6 +360,8 @@ def test_s_sweep_names_a_command_line_schedule_by_its_epochs(tmp_path):
     ]  # fmt: skip
     (fit,) = [fit for fit in fits if fit.metric == "auc" and fit.family == "synthetic_classes, normface, 19.2 epochs"]
     assert fit.curves == 2 and fit.slope[0] == pytest.approx(TRUE_LINES["normface"][0], rel=1e-6)
+    (alone,), _ = s_sweep.load_sweep([sweep / "0"])  # one run: its schedule varies with nothing, and still names it
+    assert alone.name == "synthetic_classes, C=30, normface, 19.2 epochs"
 
 
 def test_s_sweep_needs_the_saved_config(tmp_path):
@@ -391,6 +393,9 @@ def test_an_earlier_views_points_are_read_from_its_table_and_drawn(tmp_path):
     listed = (tmp_path / "both.md").read_text().split("### Earlier points drawn (from their views' tables)")[1]
     assert "| synthetic_classes, C=100, normface, 19.2 epochs | 100 | 3.80 [3.43, 3.80] | 3.80 [3.29, 4.41] | s_star_epochs.md |" in listed
     assert "cosface | 300 |" in listed and "earlier.md |" in listed and ", normface |" not in listed
+    twice = s_sweep.earlier_points([epochs, REPO_ROOT / "docs" / "research" / "figures" / "s_star_control.md"], "epochs")
+    assert [p.curve for p in twice].count("synthetic_classes, C=3,000, normface, 19.2 epochs") == 1  # in both views: drawn once
+    assert twice[-1].curve == "lfw_devtrain, C=4,038, normface, 13.4 epochs" and twice[-1].source == "s_star_control.md"
     with pytest.raises(SystemExit, match=r"--earlier-match 'arcface' finds none of the earlier families \['synthetic_classes, cosface'"):
         s_sweep.main([str(grid), "--out", str(tmp_path), "--earlier", str(own), "--earlier-match", "arcface"])
     (tmp_path / "bad.md").write_text("# no table\n")

@@ -134,7 +134,7 @@ def sweep_run(run: Run, keys: Sequence[str], val_set: str | None = None) -> Swee
         logged = sorted({key.split("/")[1] for key in run.series if key.count("/") == 2 and key.startswith("val/")})
         raise ValueError(f"{run.path}: no {accuracy} in csv/metrics.csv (the sets it validated on: {logged})")
     auc, auc_rise = _final_over_sets(run, "auc", val_set)
-    schedule = _epochs(run, config, train_images) if "trainer.max_steps" in keys else ""
+    schedule = _epochs(run, config, train_images)  # "" where the config set the steps
     ignored = S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS | (SCHEDULE_KEYS if schedule else frozenset())
     settings = [f"{key}={run.overrides[key]}" for key in keys if key in run.overrides and key not in ignored]
     extras = ",".join(settings + ([schedule] if schedule else []))
@@ -377,10 +377,14 @@ def read_earlier(path: Path) -> list[EarlierPoint]:
 
 
 def earlier_points(paths: Sequence[Path], match: str | None = None) -> list[EarlierPoint]:
-    """The points of several earlier views, in order; with `match`, only the families it finds (re.search)."""
+    """The points of several earlier views, in order, each curve once (the first view that lists it);
+    with `match`, only the families it finds (re.search)."""
     if match is not None and not paths:
         raise ValueError(f"--earlier-match {match!r}: no --earlier table to match against")
-    points = [point for path in paths for point in read_earlier(path)]
+    points: list[EarlierPoint] = []
+    for point in (point for path in paths for point in read_earlier(path)):
+        if all(point.curve != kept.curve for kept in points):
+            points.append(point)
     if match is None:
         return points
     kept = [point for point in points if re.search(match, point.family)]
