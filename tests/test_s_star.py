@@ -393,6 +393,20 @@ def test_an_earlier_views_points_are_read_from_its_table_and_drawn(tmp_path):
     listed = (tmp_path / "both.md").read_text().split("### Earlier points drawn (from their views' tables)")[1]
     assert "| synthetic_classes, C=100, normface, 19.2 epochs | 100 | 3.80 [3.43, 3.80] | 3.80 [3.29, 4.41] | s_star_epochs.md |" in listed
     assert "cosface | 300 |" in listed and "earlier.md |" in listed and ", normface |" not in listed
+    # one C of a family anew: the earlier view's other bracketed C join its line, held at their s*
+    full_curves, full_fits = s_sweep.load_sweep([grid])
+    c300 = [grid / str(n) for n in range(36, 54)]  # normface at C = 300, both seeds
+    assert {yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())[4] for d in c300} == {"dataset.num_classes=300"}
+    curves, _ = s_sweep.load_sweep(c300)
+    lines = {f.family: f for f in s_sweep.fit_lines(curves, s_sweep.read_earlier(own)) if f.metric == "auc"}
+    line, full = lines["synthetic_classes, normface"], next(f for f in full_fits if f.metric == "auc" and f.family == "synthetic_classes, normface")
+    only_earlier = lines["synthetic_classes, cosface"]  # no runs here: a line through the table's points, no interval
+    assert only_earlier.held == only_earlier.curves >= 2 and only_earlier.slope[1] == only_earlier.slope[2] == pytest.approx(only_earlier.slope[0])
+    assert (line.curves, line.held) == (full.curves, full.curves - 1)  # the earlier table's C = 300 is not used twice
+    assert line.slope[0] == pytest.approx(full.slope[0], abs=0.01) and line.slope[1] <= line.slope[0] <= line.slope[2]
+    s_sweep.main([*map(str, c300), "--name", "one", "--out", str(tmp_path), "--earlier", str(own)])
+    assert f"| synthetic_classes, normface | held-out AUC | {full.curves} ({full.curves - 1} from an earlier table, held fixed) |" in (
+        (tmp_path / "one.md").read_text())
     twice = s_sweep.earlier_points([epochs, REPO_ROOT / "docs" / "research" / "figures" / "s_star_control.md"], "epochs")
     assert [p.curve for p in twice].count("synthetic_classes, C=3,000, normface, 19.2 epochs") == 1  # in both views: drawn once
     assert twice[-1].curve == "lfw_devtrain, C=4,038, normface, 13.4 epochs" and twice[-1].source == "s_star_control.md"

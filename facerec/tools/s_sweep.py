@@ -278,6 +278,7 @@ class LineFit:
     curves: int
     slope: tuple[float, float, float]  # estimate, 2.5 %, 97.5 %
     intercept: tuple[float, float, float]
+    held: int = 0  # of the curves, how many are earlier points (tables), held at their s* in every resample
 
     @property
     def theta0_deg(self) -> float:
@@ -285,23 +286,30 @@ class LineFit:
         return math.degrees(math.acos(1 / self.slope[0])) if self.slope[0] >= 1 else math.nan
 
 
-def fit_lines(curves: Sequence[SweepCurve]) -> list[LineFit]:
+def fit_lines(curves: Sequence[SweepCurve], earlier: Sequence[EarlierPoint] = ()) -> list[LineFit]:
     """One least-squares line per family and metric through s* against ln(C - 1), the curves whose best
-    grid point is inside the grid only (at least two C); intervals from the curves' bootstrap samples."""
+    grid point is inside the grid only (at least two C); intervals from the curves' bootstrap samples.
+    `earlier` points of a family with curves here, at C the curves do not cover, join its line, held at
+    their s* in every resample (their runs are gone): the interval leaves out their uncertainty. A family
+    of earlier points alone gets its line, without an interval."""
     fits = []
-    for family in dict.fromkeys(curve.family for curve in curves):
+    for family in dict.fromkeys([*(curve.family for curve in curves), *(point.family for point in earlier)]):
         for metric in SWEEP_METRICS:
             members = [c for c in curves if c.family == family and c.peaks[metric][3]]
-            if len({c.num_classes for c in members}) < 2:
+            covered = {c.num_classes for c in curves if c.family == family}
+            held = [p for p in earlier if p.family == family and p.peaks[metric][3] and p.num_classes not in covered]
+            if len({c.num_classes for c in members} | {p.num_classes for p in held}) < 2:
                 continue
-            x = np.log([c.num_classes - 1 for c in members])
-            slope, intercept = np.polyfit(x, [c.peaks[metric][0] for c in members], 1)
-            samples = np.exp(np.stack([c.bootstrap[metric] for c in members]))  # (curves, samples)
+            x = np.log([c.num_classes - 1 for c in [*members, *held]])
+            slope, intercept = np.polyfit(x, [c.peaks[metric][0] for c in [*members, *held]], 1)
+            samples = np.exp(np.stack([
+                *(c.bootstrap[metric] for c in members), *(np.full(BOOTSTRAP_SAMPLES, math.log(p.peaks[metric][0])) for p in held)
+            ]))  # (curves, samples); fmt: skip
             sample_slopes, sample_intercepts = np.polyfit(x, samples, 1)
             fits.append(LineFit(
-                family, metric, len(members),
+                family, metric, len(members) + len(held),
                 (float(slope), *np.percentile(sample_slopes, [2.5, 97.5]).tolist()),
-                (float(intercept), *np.percentile(sample_intercepts, [2.5, 97.5]).tolist()),
+                (float(intercept), *np.percentile(sample_intercepts, [2.5, 97.5]).tolist()), len(held),
             ))  # fmt: skip
     return fits
 
@@ -451,8 +459,9 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
 
     header = ["family", "s* from", "C values fitted", "slope [95 %]", "intercept [95 %]", "θ0 implied (cos θ0 = 1/slope)"]
     rows = [
-        [fit.family, SWEEP_METRICS[fit.metric], str(fit.curves), "{:.3f} [{:.3f}, {:.3f}]".format(*fit.slope),
-         "{:.2f} [{:.2f}, {:.2f}]".format(*fit.intercept), "–" if math.isnan(fit.theta0_deg) else f"{fit.theta0_deg:.1f}°"]
+        [fit.family, SWEEP_METRICS[fit.metric], f"{fit.curves}" + (f" ({fit.held} from an earlier table, held fixed)" if fit.held else ""),
+         "{:.3f} [{:.3f}, {:.3f}]".format(*fit.slope) if fit.held < fit.curves else f"{fit.slope[0]:.3f}",
+         "{:.2f} [{:.2f}, {:.2f}]".format(*fit.intercept) if fit.held < fit.curves else f"{fit.intercept[0]:.2f}", "–" if math.isnan(fit.theta0_deg) else f"{fit.theta0_deg:.1f}°"]
         for fit in fits
     ]  # fmt: skip
     rows += [
@@ -562,8 +571,9 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
     # over the sweep's C only: at small C (ln(C - 1) below ~1) P(theta) has no inflection at 45 deg
     x_inflection = np.linspace(min(math.log(curve.num_classes - 1) for curve in curves), x_max, 50)
     s_inflection = [auto_scale(math.exp(x) + 1, THETA0, "inflection") for x in x_inflection]
-    figure, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(13, 7), squeeze=False)
-    for ax, metric in zip(axes[0], SWEEP_METRICS):
+    # one panel per row, each legend to its right: many families make labels too long to sit side by side
+    figure, axes = plt.subplots(len(SWEEP_METRICS), 1, figsize=(9, 6 * len(SWEEP_METRICS)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], SWEEP_METRICS):
         ax.plot(x_line, x_line / math.cos(THETA0), "-", color="k", label="formula ln(C − 1) / cos 45° (half criterion)")
         ax.plot(x_inflection, s_inflection, ":", color="k", label="inflection criterion, θ0 = 45°")
         ax.plot([], [], "-", color="grey", linewidth=7, alpha=0.2, label=f"grid points within {NEAR_BEST * 100:.0f} pp of the best")
@@ -586,14 +596,15 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
                     x = math.log(point.num_classes - 1) + 0.08 * (index - (len(families) - 1) / 2) + 0.04
                     ax.vlines(x, low, high, color=colour, linewidth=1, alpha=0.6)
                     ax.plot(x, s, "D", color=colour, markerfacecolor=colour if bracketed else "none", alpha=0.6)
+            fit = next((f for f in fits if f.family == family and f.metric == metric), None)
             if shown:
                 sources = ", ".join(dict.fromkeys(point.source for point, _ in shown))
-                ax.plot([], [], "D", color=colour, alpha=0.6, label=f"{family}: s*, earlier runs (table: {sources})")
+                line = f", fit slope {fit.slope[0]:.3f}, intercept {fit.intercept[0]:.2f}" if fit is not None and not members else ""
+                ax.plot([], [], "D--" if line else "D", color=colour, alpha=0.6, label=f"{family}: s*, earlier runs (table: {sources}){line}")
             margin = [(math.log(c.num_classes - 1), p.s) for c in members for p in c.references if p.label == "auto_margin"]
             if margin:
                 ax.plot(*zip(*sorted(margin)), "s-.", color=colour, markerfacecolor="none", linewidth=1,
                         label=f"{family}: auto_margin's s")  # fmt: skip
-            fit = next((f for f in fits if f.family == family and f.metric == metric), None)
             label = f"{family}: s*"
             if fit is not None:
                 label += f", fit slope {fit.slope[0]:.3f}, intercept {fit.intercept[0]:.2f}"
@@ -604,7 +615,7 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
         ax.set_xlim(0, x_max)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below the x label: never over a point or the label
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panel: never over a point
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -624,8 +635,9 @@ def s_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves, fits = load_sweep(sweep_dirs, val_set=val_set)
+    curves, _ = load_sweep(sweep_dirs, val_set=val_set)
     drawn = earlier_points(earlier, earlier_match)
+    fits = fit_lines(curves, drawn)
     tables = s_sweep_tables(curves, fits) + ("\n\n" + earlier_table(drawn) if drawn else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -641,7 +653,7 @@ def s_sweep(
         + (f" of `{val_set}`. " if val_set else " (the mean over its validation sets). ")
         + f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
         f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
-        "Lines are fitted to the bracketed s* only."
+        "Lines are fitted to the bracketed s* only; an earlier point of a family drawn here joins its line, held fixed."
         + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier views {', '.join(f'`{p}`' for p in earlier)}"
            + (f" (the families matching `{earlier_match}`)" if earlier_match else "") + "; they are listed last." if drawn else "")
         + "\n\n" + tables + "\n"
