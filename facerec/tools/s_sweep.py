@@ -131,8 +131,8 @@ def sweep_run(run: Run, keys: Sequence[str], val_set: str | None = None) -> Swee
     train_images = int(logged) if not math.isnan(logged) else (int(per_class) * num_classes if per_class else None)
     accuracy = f"val/{val_set}/accuracy" if val_set else DEFAULT_METRIC
     if val_set and accuracy not in run.series:
-        logged = sorted({key.split("/")[1] for key in run.series if key.count("/") == 2 and key.startswith("val/")})
-        raise ValueError(f"{run.path}: no {accuracy} in csv/metrics.csv (the sets it validated on: {logged})")
+        sets = sorted({key.split("/")[1] for key in run.series if key.count("/") == 2 and key.startswith("val/")})
+        raise ValueError(f"{run.path}: no {accuracy} in csv/metrics.csv (the sets it validated on: {sets})")
     auc, auc_rise = _final_over_sets(run, "auc", val_set)
     schedule = _epochs(run, config, train_images)  # "" where the config set the steps
     ignored = S_KEYS | CURVE_KEYS | NOT_SETTINGS | SEED_KEYS | (SCHEDULE_KEYS if schedule else frozenset())
@@ -325,9 +325,12 @@ def formula_lines(curves: Sequence[SweepCurve]) -> list[tuple[str, float, float]
     return lines
 
 
-def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = None) -> tuple[list[SweepCurve], list[LineFit]]:
-    """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines,
-    scored on the mean over each run's validation sets, or on `val_set` alone."""
+def load_sweep(
+    sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = None, earlier: Sequence[EarlierPoint] = ()
+) -> tuple[list[SweepCurve], list[LineFit]]:
+    """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines (with
+    the `earlier` points, as fit_lines), scored on the mean over each run's validation sets, or on
+    `val_set` alone."""
     runs, keys = load_runs(sweep_dirs)
     curves: dict[str, list[SweepRun]] = {}
     for run in runs:
@@ -336,7 +339,7 @@ def load_sweep(sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = 
     rng = np.random.default_rng(seed)
     ordered = sorted(curves.items(), key=lambda item: (item[1][0].family, item[1][0].num_classes))
     fitted = [fit_curve(name, members, rng) for name, members in ordered]
-    return fitted, fit_lines(fitted)
+    return fitted, fit_lines(fitted, earlier)
 
 
 @dataclass
@@ -635,9 +638,8 @@ def s_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves, _ = load_sweep(sweep_dirs, val_set=val_set)
     drawn = earlier_points(earlier, earlier_match)
-    fits = fit_lines(curves, drawn)
+    curves, fits = load_sweep(sweep_dirs, val_set=val_set, earlier=drawn)
     tables = s_sweep_tables(curves, fits) + ("\n\n" + earlier_table(drawn) if drawn else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
