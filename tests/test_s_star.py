@@ -450,3 +450,46 @@ def test_s_sweep_scores_one_validation_set_where_asked(tmp_path):
     assert "on the held-out pairs of `hard`." in (tmp_path / "hard.md").read_text()
     with pytest.raises(SystemExit, match=r"grid/\d+: no val/harder/accuracy in csv/metrics.csv \(the sets it validated on: \['hard', '"):
         s_sweep.main([str(grid), "--out", str(tmp_path), "--val-set", "harder"])
+
+
+def write_val_scores(grid: Path, head: str, c: int, signal: dict[int, float]) -> None:
+    """val_scores.npz for one curve's runs, as train.py saves its last validation: 600 pairs of 8-d embeddings
+    whose same-identity pairs share `signal[k]` of a common part at factor 3^(k/4); each seed draws its own
+    noise, the same at every factor, so two factors of equal signal score every pair alike."""
+    from facerec.evaluation import VAL_SCORES_FILE, EmbeddingNorms, Evaluation, verify, write_scores
+
+    issame = np.arange(600) % 2 == 0
+    for run_dir in (path for path in grid.iterdir() if path.is_dir()):
+        overrides = dict(line.split("=", 1) for line in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()))
+        if (overrides["head"], int(overrides["dataset.num_classes"])) != (head, c):
+            continue
+        k = round(4 * math.log(float(overrides["scale.factor"])) / math.log(3))
+        rng = np.random.default_rng(int(overrides["seed"]))
+        base, same, different = (rng.normal(size=(600, 8)) for _ in range(3))
+        other = np.where(issame[:, None], signal[k] * base + same, different)
+        evaluation = Evaluation(verify(base, other, issame), EmbeddingNorms(1.0, 0.0))
+        write_scores({VAL.split("/")[1]: evaluation}, run_dir / VAL_SCORES_FILE)
+
+
+def test_s_sweep_says_which_grid_points_are_resolved_from_the_best(tmp_path):
+    """The paired comparison of each grid point with its curve's best (the issue's "which neighbouring grid
+    points are resolved from the best"): at C = 300 (normface, best at s_auto) the factors 0.76-1.32 score
+    every held-out pair as the best one does, the others with a far weaker signal."""
+    grid, _ = write_s_sweep(tmp_path / "runs")
+    write_val_scores(grid, "normface", 300, {k: 1.5 if abs(k) <= 1 else 0.2 for k in range(-4, 5)})
+    s_sweep.main([str(grid), "--name", "paired", "--out", str(tmp_path), "--paired-resamples", "50"])
+    written = (tmp_path / "paired.md").read_text()
+    assert "interval of its paired AUC difference excludes 0 (50 two-level resamples" in written
+    header = table_row(written, "| curve | C | train images |").split(" | ")
+    column = header.index("s / s_auto not resolved from the best AUC (paired)")
+    assert header[column - 1] == "s / s_auto within 1 pp of the best AUC"
+    summary = table_row(written, "| synthetic_classes, C=300, normface | 300 |").split(" | ")
+    assert (summary[column - 1], summary[column]) == ("0.58–1.32 (4 of 9)", "0.76–1.32 (3 of 9)")  # the 1 pp band, the paired one
+    assert table_row(written, "| synthetic_classes, C=30, normface | 30 |").split(" | ")[column] == "–"  # no val_scores.npz
+    assert "| best |" in table_row(written, "| synthetic_classes, C=300, normface | s/s_auto = 1 |")
+    assert "| +0.0 [+0.0, +0.0] |" in table_row(written, "| synthetic_classes, C=300, normface | s/s_auto = 1.32 |")
+    far = table_row(written, "| synthetic_classes, C=300, normface | s/s_auto = 3 |")
+    assert " resolved |" in far and "| -" in far  # the weak signal's AUC is lower, and its interval excludes 0
+    assert "| – |" in table_row(written, "| synthetic_classes, C=100, normface | s/s_auto = 1 |")  # no val_scores.npz: no column
+    (curve,) = [c for c in s_sweep.load_sweep([grid], paired=s_sweep.Bootstrap(resamples=0))[0] if c.name.endswith("C=300, normface")]
+    assert curve.to_best == {} and curve.not_resolved_from_best() == []  # resamples 0: not run

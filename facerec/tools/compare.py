@@ -94,17 +94,23 @@ def summarize(groups: dict[str, list[Run]], metric: str = DEFAULT_METRIC, far: f
 
 def scored_metric(metric: str):
     """The logged validation series `metric` as a function of the runs' scored items (and weights):
-    val/accuracy_mean, the mean accuracy of the sets that report one, or val/<set>/<key>."""
-    if metric == "val/accuracy_mean":
+    val/<key>_mean, the mean <key> of the sets that report one (val/accuracy_mean, val/auc_mean), or
+    val/<set>/<key>."""
+    mean_over_sets = re.fullmatch(r"val/([^/]+)_mean", metric)
+    if mean_over_sets:
+        key = mean_over_sets.group(1)
 
-        def value(items: dict[str, ScoredItems], weights) -> float:
+        def mean_value(items: dict[str, ScoredItems], weights) -> float:
             found = [items[n].metrics(None if weights is None else weights[n]) for n in sorted(items)]
-            return float(np.mean([m["accuracy"] for m in found if "accuracy" in m]))
+            reported = [m[key] for m in found if m.get(key) is not None]
+            if not reported:
+                raise ValueError(f"{metric}: no set reports {key} on this sample")
+            return float(np.mean(reported))
 
-        return value
+        return mean_value
     match = re.fullmatch(r"val/([^/]+)/(.+)", metric)
     if not match:
-        raise ValueError(f"no paired comparison for {metric!r}: expected val/accuracy_mean or val/<set>/<metric>")
+        raise ValueError(f"no paired comparison for {metric!r}: expected val/<metric>_mean or val/<set>/<metric>")
     name, key = match.groups()
 
     def value(items: dict[str, ScoredItems], weights) -> float:

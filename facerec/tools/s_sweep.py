@@ -4,7 +4,8 @@
 
 For each class count C and head, held-out AUC and accuracy (mean +- std over seeds) against a
 fixed-s grid; s*(C) fitted as a quadratic in ln s around the best grid point, with a bootstrap
-interval over seeds; then s*(C) against ln(C - 1) with the formula's line (theta0 = 45 deg, slope
+interval over seeds; which grid points are resolved from the best one, by a paired bootstrap over
+seeds and the held-out pairs' identities (where the runs saved their val_scores.npz); then s*(C) against ln(C - 1) with the formula's line (theta0 = 45 deg, slope
 1/cos theta0 = 1.414) and the inflection criterion, and the fitted slope, intercept and the theta0
 they imply. Raw losses are never compared across s. Runs are read by facerec.tools.runs
 (csv/metrics.csv and .hydra/ of every run).
@@ -12,6 +13,7 @@ they imply. Raw losses are never compared across s. Runs are read by facerec.too
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import textwrap
@@ -23,7 +25,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from facerec.evaluation import VAL_SCORES_FILE, Bootstrap, read_scores
+from facerec.evaluation.bootstrap import Difference, paired_runs
 from facerec.heads.scale import auto_scale
+from facerec.tools.compare import scored_metric
 from facerec.tools.markdown import format_mean_std, markdown
 from facerec.tools.runs import DEFAULT_METRIC, SEED_KEYS, TRAIN_TAIL, Run, load_runs, mean_std, median_grad_norm
 
@@ -43,6 +48,7 @@ FIT_HALF_WIDTH = 2  # s* is fitted to the best grid point and up to 2 neighbours
 # between two seeds here, and the standard error of AUC on LFW DevTest's 999 pairs (~0.9 pp).
 NEAR_BEST = 0.01
 BOOTSTRAP_SAMPLES = 2000
+PAIRED_METRIC = "auc"  # the grid points' paired comparison with the best one (s*'s headline metric)
 SWEEP_METRICS = {"auc": "held-out AUC", "accuracy": "held-out accuracy"}
 TAR_FAR = "1e-02"  # the TAR column: LFW DevTest's 499 different pairs cannot measure FAR = 1e-3
 
@@ -205,6 +211,8 @@ class SweepCurve:
     references: list[SweepPoint]
     peaks: dict[str, tuple[float, float, float, bool]]  # metric -> (s*, low, high of the interval, bracketed)
     bootstrap: dict[str, np.ndarray]  # metric -> (BOOTSTRAP_SAMPLES,) ln s* of the seed resamples
+    # grid point label -> its PAIRED_METRIC minus the best point's, paired (None: not computable); {}: not run
+    to_best: dict[str, Difference | None] = dataclasses.field(default_factory=dict)
 
     @property
     def s_auto(self) -> float:
@@ -222,6 +230,44 @@ class SweepCurve:
     def point_at_auto(self) -> SweepPoint | None:
         """The grid point at the auto scale (scale.factor=1), if the grid has it."""
         return next((p for p in self.grid if math.isclose(p.s, self.s_auto, rel_tol=1e-4)), None)
+
+    def best(self, metric: str) -> SweepPoint | None:
+        """The grid point with the best mean."""
+        return max(self.grid, key=lambda p: p.mean_std(metric)[0], default=None)
+
+    def not_resolved_from_best(self) -> list[SweepPoint]:
+        """The best point and those whose paired interval against it holds 0 (to_best): by the paired
+        comparison, where s* could be. [] where it was not run."""
+        if not self.to_best:
+            return []
+        best = self.best(PAIRED_METRIC)
+        return [p for p in self.grid if p is best or (self.to_best.get(p.label) is not None and not self.to_best[p.label].resolved)]
+
+
+def paired_to_best(curve: SweepCurve, val_set: str | None, bootstrap: Bootstrap) -> dict[str, Difference | None]:
+    """Each grid point's held-out PAIRED_METRIC minus the best point's (means over the seeds), with the
+    two-level paired bootstrap of facerec.evaluation.bootstrap.paired_runs: seed k against seed k, and
+    the same draws of the held-out pairs' identities for both, from each run's last validation
+    (val_scores.npz). A point whose interval holds 0 is not resolved from the best. {} where the
+    resamples are 0 or a run saved no val_scores.npz; None for a point whose seeds differ from the best's."""
+    best = curve.best(PAIRED_METRIC)
+    files = {run.run.path: run.run.path / VAL_SCORES_FILE for point in curve.grid for run in point.runs}
+    if bootstrap.resamples == 0 or best is None or not all(file.is_file() for file in files.values()):
+        return {}
+    items = {path: read_scores(file) for path, file in files.items()}
+    value = scored_metric(f"val/{val_set}/{PAIRED_METRIC}" if val_set else f"val/{PAIRED_METRIC}_mean")
+
+    def by_seed(point: SweepPoint) -> dict[str, dict]:
+        return {run.seed: items[run.run.path] for run in sorted(point.runs, key=lambda run: run.seed)}
+
+    reference = by_seed(best)
+    differences: dict[str, Difference | None] = {}
+    for point in curve.grid:
+        runs = by_seed(point)
+        if point is not best:
+            same_seeds = list(runs) == list(reference)
+            differences[point.label] = paired_runs(list(reference.values()), list(runs.values()), value, bootstrap) if same_seeds else None
+    return differences
 
 
 def _seed_matrix(grid: Sequence[SweepPoint], key: str) -> np.ndarray:
@@ -326,11 +372,12 @@ def formula_lines(curves: Sequence[SweepCurve]) -> list[tuple[str, float, float]
 
 
 def load_sweep(
-    sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = None, earlier: Sequence[EarlierPoint] = ()
+    sweep_dirs: Sequence[Path], seed: int = 0, val_set: str | None = None, earlier: Sequence[EarlierPoint] = (),
+    paired: Bootstrap = Bootstrap(),
 ) -> tuple[list[SweepCurve], list[LineFit]]:
     """The curves of one or more s-sweeps (multiruns of experiment=s_star) and their s*(C) lines (with
     the `earlier` points, as fit_lines), scored on the mean over each run's validation sets, or on
-    `val_set` alone."""
+    `val_set` alone; each grid point compared with its curve's best by `paired` (paired_to_best)."""
     runs, keys = load_runs(sweep_dirs)
     curves: dict[str, list[SweepRun]] = {}
     for run in runs:
@@ -339,6 +386,8 @@ def load_sweep(
     rng = np.random.default_rng(seed)
     ordered = sorted(curves.items(), key=lambda item: (item[1][0].family, item[1][0].num_classes))
     fitted = [fit_curve(name, members, rng) for name, members in ordered]
+    for curve in fitted:
+        curve.to_best = paired_to_best(curve, val_set, paired)
     return fitted, fit_lines(fitted, earlier)
 
 
@@ -419,16 +468,30 @@ def _interval(peak: tuple[float, float, float, bool]) -> str:
     return f"{s:.2f} [{low:.2f}, {high:.2f}]" + ("" if bracketed else " (edge: not bracketed)")
 
 
+def _versus_best(curve: SweepCurve, point: SweepPoint) -> str:
+    """"best", "−0.8 [−1.4, −0.2] resolved" or "−0.3 [−0.9, +0.2]" (pp): the point's paired difference from the best."""
+    if not curve.to_best or point not in curve.grid:
+        return "–"
+    if point is curve.best(PAIRED_METRIC):
+        return "best"
+    difference = curve.to_best.get(point.label)
+    if difference is None or difference.interval is None:
+        return "–"
+    low, high = (100 * bound for bound in difference.interval)
+    return f"{100 * difference.difference:+.1f} [{low:+.1f}, {high:+.1f}]" + (" resolved" if difference.resolved else "")
+
+
 def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str:
     """Markdown: s*(C) per curve, the line fits against the formula, and every point with its plateau check."""
     header = ["curve", "C", "train images", "ln(C−1)", "s_auto (half / inflection)", "seeds", "s* from AUC [95 %]",
-              "s* / s_auto (AUC)", f"s / s_auto within {NEAR_BEST * 100:.0f} pp of the best AUC", "s* from accuracy [95 %]",
+              "s* / s_auto (AUC)", f"s / s_auto within {NEAR_BEST * 100:.0f} pp of the best AUC",
+              "s / s_auto not resolved from the best AUC (paired)", "s* from accuracy [95 %]",
               f"s / s_auto within {NEAR_BEST * 100:.0f} pp of the best accuracy", "AUC at s_auto (%)", "best grid AUC (%) (at s)",
               "accuracy at s_auto (%)", "best grid accuracy (%) (at s)", "lost at s_auto: AUC / accuracy (pp)"]  # fmt: skip
     rows = []
     for curve in curves:
         at_auto = curve.point_at_auto()
-        best = {m: max(curve.grid, key=lambda p: p.mean_std(m)[0], default=None) for m in SWEEP_METRICS}
+        best = {m: curve.best(m) for m in SWEEP_METRICS}
         seeds = len({run.seed for point in curve.grid for run in point.runs})
 
         def at(point: SweepPoint | None, metric: str, with_s: bool = False) -> str:
@@ -437,12 +500,14 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
             text = format_mean_std(*point.mean_std(metric), 100)
             return f"{text} ({point.s:.2f})" if with_s else text
 
-        def near_best(metric: str) -> str:  # "0.25–1.00 (6 of 11)": the range of factors, and how many points
-            points = curve.near_best(metric)
+        def factor_range(points: Sequence[SweepPoint]) -> str:  # "0.25–1.00 (6 of 11)": the range of factors, and how many points
             if not points:
                 return "–"
             factors = dict.fromkeys(f"{point.s / curve.s_auto:.2f}" for point in (points[0], points[-1]))
             return f"{'–'.join(factors)} ({len(points)} of {len(curve.grid)})"
+
+        def near_best(metric: str) -> str:
+            return factor_range(curve.near_best(metric))
 
         def lost(metric: str) -> str:  # the best grid point's mean minus the auto scale's
             if at_auto is None or best[metric] is None:
@@ -454,7 +519,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
             f"{math.log(curve.num_classes - 1):.3f}",
             f"{curve.s_auto:.2f} / {auto_scale(curve.num_classes, THETA0, 'inflection'):.2f}", str(seeds),
             _interval(curve.peaks["auc"]), format_mean_std(curve.peaks["auc"][0] / curve.s_auto, math.nan, digits=2),
-            near_best("auc"), _interval(curve.peaks["accuracy"]), near_best("accuracy"),
+            near_best("auc"), factor_range(curve.not_resolved_from_best()), _interval(curve.peaks["accuracy"]), near_best("accuracy"),
             at(at_auto, "auc"), at(best["auc"], "auc", True), at(at_auto, "accuracy"), at(best["accuracy"], "accuracy", True),
             f"{lost('auc')} / {lost('accuracy')}",
         ])  # fmt: skip
@@ -474,7 +539,8 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
     sections += ["### s*(C) against ln(C − 1)", markdown(header, rows)]
 
     window = f"last {PLATEAU_WINDOW:.0%} (pp)"
-    header = ["curve", "point", "s", "runs", "AUC (%)", "accuracy (%)", f"TAR@FAR={TAR_FAR} (%)", "train top-1 end (%)", "θ_med end (°)",
+    header = ["curve", "point", "s", "runs", "AUC (%)", "AUC − best (pp) [95 %, paired]", "accuracy (%)", f"TAR@FAR={TAR_FAR} (%)",
+              "train top-1 end (%)", "θ_med end (°)",
               "P(target) end", "grad norm backbone (median)", f"AUC rise, {window}", f"accuracy rise, {window}",
               f"top-1 rise, {window}", "plateau"]  # fmt: skip
     rows = []
@@ -482,7 +548,7 @@ def s_sweep_tables(curves: Sequence[SweepCurve], fits: Sequence[LineFit]) -> str
         for point in [*curve.grid, *curve.references]:
             rows.append([
                 curve.name, point.label, f"{point.s:.2f}", str(len(point.runs)), format_mean_std(*point.mean_std("auc"), 100),
-                format_mean_std(*point.mean_std("accuracy"), 100), format_mean_std(*point.mean_std("tar"), 100),
+                _versus_best(curve, point), format_mean_std(*point.mean_std("accuracy"), 100), format_mean_std(*point.mean_std("tar"), 100),
                 format_mean_std(*point.mean_std("top1"), 100),
                 format_mean_std(*point.mean_std("theta_med")), format_mean_std(*point.mean_std("p_target"), spec="e"),
                 format_mean_std(*point.mean_std("grad_norm"), digits=2),
@@ -627,19 +693,20 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
 
 def s_sweep(
     sweep_dirs: Sequence[Path], out_dir: Path, name: str = "s_sweep", earlier: Sequence[Path] = (), earlier_match: str | None = None,
-    val_set: str | None = None,
+    val_set: str | None = None, paired: Bootstrap = Bootstrap(),
 ) -> tuple[list[Path], str]:
     """Write `<name>_curves.png`, `<name>_fit.png` and `<name>.md` for s-sweeps; returns the paths and the
     tables. `earlier`: earlier views' `<name>.md` files, whose s*(C) points (those of the families
     `earlier_match` finds, where given) the fit figure draws and the tables list as well. `val_set`:
-    score on that validation set alone (default: the mean over each run's sets)."""
+    score on that validation set alone (default: the mean over each run's sets). `paired`: the paired
+    comparison of each grid point with its curve's best (paired_to_best; resamples 0: none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     drawn = earlier_points(earlier, earlier_match)
-    curves, fits = load_sweep(sweep_dirs, val_set=val_set, earlier=drawn)
+    curves, fits = load_sweep(sweep_dirs, val_set=val_set, earlier=drawn, paired=paired)
     tables = s_sweep_tables(curves, fits) + ("\n\n" + earlier_table(drawn) if drawn else "")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -655,7 +722,10 @@ def s_sweep(
         + (f" of `{val_set}`. " if val_set else " (the mean over its validation sets). ")
         + f"s* is the vertex of a quadratic in ln s through the best grid point and up to {FIT_HALF_WIDTH} neighbours "
         f"on each side; the interval is the 2.5–97.5 % range over {BOOTSTRAP_SAMPLES} resamples of the seeds. "
-        "Lines are fitted to the bracketed s* only; an earlier point of a family drawn here joins its line, held fixed."
+        + (f"A grid point is resolved from its curve's best where the {paired.level:.0%} interval of its paired AUC difference "
+           f"excludes 0 ({paired.resamples} two-level resamples: seed pairs, and the held-out pairs' identities drawn alike for both; "
+           "each run's last validation, val_scores.npz). " if any(curve.to_best for curve in curves) else "")
+        + "Lines are fitted to the bracketed s* only; an earlier point of a family drawn here joins its line, held fixed."
         + (f" The fit figure also draws, as diamonds, the s*(C) points of the earlier views {', '.join(f'`{p}`' for p in earlier)}"
            + (f" (the families matching `{earlier_match}`)" if earlier_match else "") + "; they are listed last." if drawn else "")
         + "\n\n" + tables + "\n"
@@ -672,9 +742,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="an earlier view's <name>.md: its s*(C) points are drawn beside the new ones (repeatable)")
     parser.add_argument("--earlier-match", help="draw only the earlier families this regular expression finds (re.search)")
     parser.add_argument("--val-set", help="score on this validation set alone (default: the mean over each run's val_sets)")
+    parser.add_argument("--paired-resamples", type=int, default=Bootstrap().resamples,
+                        help="replicates of the paired comparison of each grid point with its curve's best (0: none)")
     args = parser.parse_args(argv)
     try:
-        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier, args.earlier_match, args.val_set)
+        paths, tables = s_sweep(args.sweep_dirs, args.out or args.sweep_dirs[0], args.name, args.earlier, args.earlier_match,
+                                args.val_set, Bootstrap(resamples=args.paired_resamples))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"facerec.tools.s_sweep: {error}") from None
     print(tables)
