@@ -5,10 +5,11 @@
 For each class count C and head, held-out AUC and accuracy (mean +- std over seeds) against a
 fixed-s grid; s*(C) fitted as a quadratic in ln s around the best grid point, with a bootstrap
 interval over seeds; which grid points are resolved from the best one, by a paired bootstrap over
-seeds and the held-out pairs' identities (where the runs saved their val_scores.npz); then s*(C) against ln(C - 1) with the formula's line (theta0 = 45 deg, slope
-1/cos theta0 = 1.414) and the inflection criterion, and the fitted slope, intercept and the theta0
-they imply. Raw losses are never compared across s. Runs are read by facerec.tools.runs
-(csv/metrics.csv and .hydra/ of every run).
+seeds and the held-out pairs' identities (where the runs saved their val_scores.npz); then s*(C)
+against ln(C - 1) with the formula's line (theta0 = 45 deg, slope 1/cos theta0 = 1.414) and the
+inflection criterion, and the fitted slope, intercept and the theta0 they imply. Raw losses are
+never compared across s. Runs are read by facerec.tools.runs (csv/metrics.csv and .hydra/ of every
+run).
 """
 from __future__ import annotations
 
@@ -469,7 +470,7 @@ def _interval(peak: tuple[float, float, float, bool]) -> str:
 
 
 def _versus_best(curve: SweepCurve, point: SweepPoint) -> str:
-    """"best", "−0.8 [−1.4, −0.2] resolved" or "−0.3 [−0.9, +0.2]" (pp): the point's paired difference from the best."""
+    """"best", "-0.8 [-1.4, -0.2] resolved" or "-0.3 [-0.9, +0.2]" (pp): the point's paired difference from the best."""
     if not curve.to_best or point not in curve.grid:
         return "–"
     if point is curve.best(PAIRED_METRIC):
