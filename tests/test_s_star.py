@@ -493,3 +493,20 @@ def test_s_sweep_says_which_grid_points_are_resolved_from_the_best(tmp_path):
     assert "| – |" in table_row(written, "| synthetic_classes, C=100, normface | s/s_auto = 1 |")  # no val_scores.npz: no column
     (curve,) = [c for c in s_sweep.load_sweep([grid], paired=s_sweep.Bootstrap(resamples=0))[0] if c.name.endswith("C=300, normface")]
     assert curve.to_best == {} and curve.not_resolved_from_best() == []  # resamples 0: not run
+
+
+def test_the_fit_figure_keeps_its_panels_wide_beside_long_legends(tmp_path):
+    """With several earlier views the legend labels are longer than a panel is wide: the legends sit beside
+    the panels without squeezing them, and the saved image widens to hold them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    figures = REPO_ROOT / "docs" / "research" / "figures"
+    earlier = s_sweep.earlier_points([figures / "s_star_epochs.md", figures / "s_star_control.md", figures / "s_star.md"])
+    curves, fits = s_sweep.load_sweep(write_s_sweep(tmp_path / "runs"), earlier=earlier)
+    figure = s_sweep.plot_s_star(curves, fits, "a title", earlier)
+    for ax in figure.axes:
+        assert ax.get_position().width > 0.6 and ax.get_legend().get_in_layout()
+    figure.savefig(tmp_path / "fit.png", dpi=50, bbox_inches="tight")
+    width = int.from_bytes((tmp_path / "fit.png").read_bytes()[16:20], "big")  # the PNG header's width
+    assert width > 1.5 * figure.get_figwidth() * 50

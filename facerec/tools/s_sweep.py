@@ -688,7 +688,14 @@ def plot_s_star(curves: Sequence[SweepCurve], fits: Sequence[LineFit], title: st
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the panel: never over a point
     if title:
         figure.suptitle(title)
+    # the legends sit out of the layout while it is made (a long legend would squeeze its panel to a sliver), and back
+    # in it after, so that saving with bbox_inches="tight" widens the canvas to hold them
+    legends = [ax.get_legend() for ax in axes[:, 0]]
+    for legend in legends:
+        legend.set_in_layout(False)
     figure.tight_layout()
+    for legend in legends:
+        legend.set_in_layout(True)
     return figure
 
 
