@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from facerec.evaluation import VAL_SCORES_FILE, Bootstrap, read_scores
-from facerec.evaluation.bootstrap import Difference, paired_runs
+from facerec.evaluation import Bootstrap
+from facerec.evaluation.bootstrap import Difference
 from facerec.heads.scale import auto_scale
-from facerec.tools.compare import scored_metric
+from facerec.tools.compare import paired_differences
 from facerec.tools.markdown import format_mean_std, markdown
 from facerec.tools.runs import DEFAULT_METRIC, SEED_KEYS, TRAIN_TAIL, Run, load_runs, mean_std, median_grad_norm
 
@@ -246,29 +246,17 @@ class SweepCurve:
 
 
 def paired_to_best(curve: SweepCurve, val_set: str | None, bootstrap: Bootstrap) -> dict[str, Difference | None]:
-    """Each grid point's held-out PAIRED_METRIC minus the best point's (means over the seeds), with the
-    two-level paired bootstrap of facerec.evaluation.bootstrap.paired_runs: seed k against seed k, and
-    the same draws of the held-out pairs' identities for both, from each run's last validation
-    (val_scores.npz). A point whose interval holds 0 is not resolved from the best. {} where the
-    resamples are 0 or a run saved no val_scores.npz; None for a point whose seeds differ from the best's."""
+    """Each grid point's held-out PAIRED_METRIC minus the best point's (means over the seeds), paired as
+    facerec.tools.compare pairs settings (paired_differences: seed k against seed k, and the same draws
+    of the held-out pairs' identities for both, from each run's last validation, val_scores.npz). A
+    point whose interval holds 0 is not resolved from the best. {} where the resamples are 0 or a run
+    saved no val_scores.npz; None for a point whose seeds differ from the best's."""
     best = curve.best(PAIRED_METRIC)
-    files = {run.run.path: run.run.path / VAL_SCORES_FILE for point in curve.grid for run in point.runs}
-    if bootstrap.resamples == 0 or best is None or not all(file.is_file() for file in files.values()):
+    if bootstrap.resamples == 0 or best is None:
         return {}
-    items = {path: read_scores(file) for path, file in files.items()}
-    value = scored_metric(f"val/{val_set}/{PAIRED_METRIC}" if val_set else f"val/{PAIRED_METRIC}_mean")
-
-    def by_seed(point: SweepPoint) -> dict[str, dict]:
-        return {run.seed: items[run.run.path] for run in sorted(point.runs, key=lambda run: run.seed)}
-
-    reference = by_seed(best)
-    differences: dict[str, Difference | None] = {}
-    for point in curve.grid:
-        runs = by_seed(point)
-        if point is not best:
-            same_seeds = list(runs) == list(reference)
-            differences[point.label] = paired_runs(list(reference.values()), list(runs.values()), value, bootstrap) if same_seeds else None
-    return differences
+    groups = {point.label: [run.run for run in point.runs] for point in curve.grid}
+    metric = f"val/{val_set}/{PAIRED_METRIC}" if val_set else f"val/{PAIRED_METRIC}_mean"
+    return paired_differences(groups, metric, best.label, bootstrap)[1]
 
 
 def _seed_matrix(grid: Sequence[SweepPoint], key: str) -> np.ndarray:
